@@ -1,0 +1,226 @@
+"""Pieces shared by the UNet diffusion policies: construction checks, the denoising loop, the training
+loss and the observation/action queues of the online ``select_action`` interface."""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+PREDICTION_TYPES = ("epsilon", "sample")
+NORMALIZER_HINT = "call set_normalizer(dataset.get_normalizer()) first"
+
+
+def check_scheduler(
+    noise_scheduler: Any, num_inference_steps: int | None, step_kwargs: Mapping[str, Any]
+) -> int:
+    """Validate the scheduler settings a policy relies on; returns the number of inference steps to use."""
+    config = getattr(noise_scheduler, "config", None)
+    if config is None or not hasattr(noise_scheduler, "step") or not hasattr(noise_scheduler, "add_noise"):
+        raise TypeError(
+            f"noise_scheduler must be a diffusers scheduler (e.g. DDPMScheduler), "
+            f"got {type(noise_scheduler).__name__}"
+        )
+    prediction_type = config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"noise_scheduler prediction_type={prediction_type!r} is not supported; "
+            f"use one of {list(PREDICTION_TYPES)}"
+        )
+    num_train = int(config.num_train_timesteps)
+    if num_inference_steps is None:
+        num_inference_steps = num_train
+    if not 1 <= num_inference_steps <= num_train:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} must be in [1, num_train_timesteps={num_train}]"
+        )
+    params = inspect.signature(noise_scheduler.step).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    reserved = {"model_output", "timestep", "sample", "generator", "return_dict"}
+    bad = [k for k in step_kwargs if k in reserved or (not takes_any and k not in params)]
+    if bad:
+        raise ValueError(
+            f"unexpected policy arguments {bad}: extra keyword arguments are passed to "
+            f"{type(noise_scheduler).__name__}.step(), which does not accept them"
+        )
+    return int(num_inference_steps)
+
+
+def check_action_window(horizon: int, n_obs_steps: int, n_action_steps: int, start: int) -> None:
+    """The executed actions ``[start, start + n_action_steps)`` must lie inside the predicted horizon."""
+    if n_obs_steps < 1 or n_action_steps < 1:
+        raise ValueError(f"n_obs_steps={n_obs_steps} and n_action_steps={n_action_steps} must be >= 1")
+    if start + n_action_steps > horizon:
+        raise ValueError(
+            f"n_action_steps={n_action_steps} does not fit: actions start at step {start} "
+            f"(from n_obs_steps={n_obs_steps}) of horizon={horizon}, "
+            f"so n_action_steps must be <= {horizon - start}"
+        )
+
+
+def check_sequence_length(model: nn.Module, length: int, what: str) -> None:
+    """The UNet halves the sequence ``len(down_dims) - 1`` times, so its length must divide evenly."""
+    factor = getattr(model, "downsample_factor", 1)
+    if length % factor != 0:
+        raise ValueError(
+            f"{what}={length} is not divisible by {factor} = 2 ** (len(down_dims) - 1) of the UNet; "
+            f"use a multiple of {factor} or fewer down_dims"
+        )
+
+
+def conditional_sample(
+    model: nn.Module,
+    noise_scheduler: Any,
+    num_inference_steps: int,
+    condition_data: torch.Tensor,
+    condition_mask: torch.Tensor | None = None,
+    local_cond: torch.Tensor | None = None,
+    global_cond: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **step_kwargs,
+) -> torch.Tensor:
+    """Denoise from Gaussian noise to a trajectory shaped like ``condition_data`` (B, T, D).
+
+    Where ``condition_mask`` (bool, (B, T, D)) is True the trajectory is held at ``condition_data``
+    (inpainting); pass None when nothing is known. ``generator`` makes the noise reproducible.
+    """
+    device = condition_data.device
+    trajectory = randn_tensor(
+        condition_data.shape, generator=generator, device=device, dtype=condition_data.dtype
+    )
+    noise_scheduler.set_timesteps(num_inference_steps)
+    timesteps = noise_scheduler.timesteps
+    # one host->device copy for the model's timesteps; the scheduler gets plain ints, so it never
+    # branches on a device tensor (which would force a sync per step)
+    model_timesteps = timesteps.to(device)
+    for i, t in enumerate(timesteps.tolist()):
+        if condition_mask is not None:
+            trajectory = torch.where(condition_mask, condition_data, trajectory)
+        model_output = model(trajectory, model_timesteps[i], local_cond=local_cond, global_cond=global_cond)
+        trajectory = noise_scheduler.step(
+            model_output, t, trajectory, generator=generator, **step_kwargs
+        ).prev_sample
+    if condition_mask is not None:
+        trajectory = torch.where(condition_mask, condition_data, trajectory)
+    return trajectory
+
+
+def diffusion_loss(
+    model: nn.Module,
+    noise_scheduler: Any,
+    trajectory: torch.Tensor,
+    condition_mask: torch.Tensor | None = None,
+    local_cond: torch.Tensor | None = None,
+    global_cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Denoising loss for a clean normalized trajectory (B, T, D) -> scalar.
+
+    MSE against the noise (``epsilon``) or the clean trajectory (``sample``), over the entries not fixed by
+    ``condition_mask``. Masked entries count as zeros in the mean, as in the original.
+    """
+    batch = trajectory.shape[0]
+    noise = torch.randn_like(trajectory)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (batch,), device=trajectory.device, dtype=torch.long
+    )
+    noisy = noise_scheduler.add_noise(trajectory, noise, timesteps)
+    if condition_mask is not None:
+        noisy = torch.where(condition_mask, trajectory, noisy)
+    pred = model(noisy, timesteps, local_cond=local_cond, global_cond=global_cond)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "sample":
+        target = trajectory
+    else:
+        raise ValueError(
+            f"prediction_type={prediction_type!r} is not supported; use one of {list(PREDICTION_TYPES)}"
+        )
+    loss = F.mse_loss(pred, target, reduction="none")
+    if condition_mask is not None:
+        loss = loss * (~condition_mask).to(loss.dtype)
+    # every sample has the same number of entries, so the mean of per-sample means is the plain mean
+    return loss.mean()
+
+
+class OnlineQueues:
+    """Observation history and pending actions for ``select_action``.
+
+    After ``reset()`` the first observation is repeated to fill all ``n_obs_steps`` slots. Actions of one
+    plan (B, n_action_steps, Da) are handed out one step at a time; an empty queue means "replan".
+    """
+
+    def __init__(self, n_obs_steps: int) -> None:
+        self.n_obs_steps = n_obs_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.observations: deque[dict[str, torch.Tensor]] = deque(maxlen=self.n_obs_steps)
+        self.actions: deque[torch.Tensor] = deque()
+        self.batch_size: int | None = None
+
+    def add_observation(self, obs: dict[str, torch.Tensor]) -> None:
+        """obs[key]: (B, *shape) for one time step."""
+        batch = next(iter(obs.values())).shape[0]
+        if self.batch_size is None:
+            self.batch_size = batch
+        elif batch != self.batch_size:
+            raise ValueError(
+                f"select_action got batch size {batch} after {self.batch_size}; call reset() first"
+            )
+        if not self.observations:
+            self.observations.extend([obs] * self.n_obs_steps)
+        else:
+            self.observations.append(obs)
+
+    def stacked_observations(self) -> dict[str, torch.Tensor]:
+        """-> {key: (B, n_obs_steps, *shape)}, oldest first."""
+        return {k: torch.stack([o[k] for o in self.observations], dim=1) for k in self.observations[0]}
+
+    @property
+    def needs_plan(self) -> bool:
+        return not self.actions
+
+    def add_plan(self, actions: torch.Tensor) -> None:
+        """actions: (B, n_action_steps, Da), executed in order."""
+        self.actions.extend(actions.unbind(dim=1))
+
+    def pop_action(self) -> torch.Tensor:
+        """-> (B, Da)."""
+        return self.actions.popleft()
+
+
+def to_single_step_batch(
+    obs: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """One env step's observations -> ({key: (B, *shape)} on device, whether the input had a batch dim).
+
+    Accepts tensors or numpy arrays shaped (*shape) (single env) or (B, *shape) (vectorised envs).
+    """
+    out, batched_flags = {}, set()
+    for key, shape in shapes.items():
+        if key not in obs:
+            raise KeyError(f"select_action: observation '{key}' is missing (got keys {sorted(obs)})")
+        value = torch.as_tensor(obs[key], device=device, dtype=dtype)
+        if tuple(value.shape) == shape:
+            value = value.unsqueeze(0)
+            batched_flags.add(False)
+        elif value.ndim == len(shape) + 1 and tuple(value.shape[1:]) == shape:
+            batched_flags.add(True)
+        else:
+            raise ValueError(
+                f"select_action: observation '{key}' has shape {tuple(value.shape)}; "
+                f"expected {shape} or (B, *{shape})"
+            )
+        out[key] = value
+    if len(batched_flags) != 1:
+        raise ValueError(
+            "select_action: mix of batched and unbatched observations; give all keys a batch dim or none"
+        )
+    return out, batched_flags.pop()
