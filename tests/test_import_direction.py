@@ -9,20 +9,54 @@ PKG = Path(__file__).resolve().parents[1] / "diffusion_policy"
 
 # package folder -> module prefixes it must never import
 FORBIDDEN = {
-    "policy": ["diffusion_policy.env", "diffusion_policy.env_runner", "diffusion_policy.dataset",
-               "diffusion_policy.workspace", "diffusion_policy.gym_util"],
-    "model": ["diffusion_policy.env", "diffusion_policy.env_runner", "diffusion_policy.dataset",
-              "diffusion_policy.workspace", "diffusion_policy.policy", "diffusion_policy.gym_util"],
-    "env": ["diffusion_policy.policy", "diffusion_policy.model", "diffusion_policy.workspace",
-            "diffusion_policy.dataset", "diffusion_policy.env_runner"],
-    "env_runner": ["diffusion_policy.policy", "diffusion_policy.model", "diffusion_policy.workspace",
-                   "diffusion_policy.dataset"],
-    "gym_util": ["diffusion_policy.policy", "diffusion_policy.model", "diffusion_policy.workspace",
-                 "diffusion_policy.dataset"],
-    "dataset": ["diffusion_policy.policy", "diffusion_policy.env", "diffusion_policy.env_runner",
-                "diffusion_policy.workspace", "diffusion_policy.gym_util"],
-    "common": ["diffusion_policy.policy", "diffusion_policy.env", "diffusion_policy.env_runner",
-               "diffusion_policy.workspace", "diffusion_policy.dataset"],
+    "policy": [
+        "diffusion_policy.env",
+        "diffusion_policy.env_runner",
+        "diffusion_policy.dataset",
+        "diffusion_policy.workspace",
+        "diffusion_policy.gym_util",
+    ],
+    "model": [
+        "diffusion_policy.env",
+        "diffusion_policy.env_runner",
+        "diffusion_policy.dataset",
+        "diffusion_policy.workspace",
+        "diffusion_policy.policy",
+        "diffusion_policy.gym_util",
+    ],
+    "env": [
+        "diffusion_policy.policy",
+        "diffusion_policy.model",
+        "diffusion_policy.workspace",
+        "diffusion_policy.dataset",
+        "diffusion_policy.env_runner",
+    ],
+    "env_runner": [
+        "diffusion_policy.policy",
+        "diffusion_policy.model",
+        "diffusion_policy.workspace",
+        "diffusion_policy.dataset",
+    ],
+    "gym_util": [
+        "diffusion_policy.policy",
+        "diffusion_policy.model",
+        "diffusion_policy.workspace",
+        "diffusion_policy.dataset",
+    ],
+    "dataset": [
+        "diffusion_policy.policy",
+        "diffusion_policy.env",
+        "diffusion_policy.env_runner",
+        "diffusion_policy.workspace",
+        "diffusion_policy.gym_util",
+    ],
+    "common": [
+        "diffusion_policy.policy",
+        "diffusion_policy.env",
+        "diffusion_policy.env_runner",
+        "diffusion_policy.workspace",
+        "diffusion_policy.dataset",
+    ],
 }
 
 
