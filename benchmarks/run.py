@@ -1,0 +1,718 @@
+"""Benchmark suite: training throughput, inference latency, evaluation wall time and env speed.
+
+Every result is one JSON object per line on stdout::
+
+    {"name": ..., "value": ..., "unit": ..., "config": {...}, "hardware": "..."}
+
+Progress goes to stderr. The recipes are composed from the shipped Hydra configs under ``config/`` and
+built with ``hydra.utils.instantiate``, so a number always describes the recipe that training uses.
+
+    python benchmarks/run.py                 # full measurement (meant for a GPU; hours on a CPU)
+    python benchmarks/run.py --quick         # under 5 minutes on a 2-core CPU, fewer repeats
+    python benchmarks/run.py --smoke         # tiny networks, 1-2 iterations: a correctness check
+    python benchmarks/run.py --only train_state,env_steps --out results.jsonl --device cuda:0
+
+See benchmarks/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion_policy.common.config_resolvers import register_resolvers  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "config"
+ZARR_RELPATH = Path("pusht") / "pusht_cchi_v7_replay.zarr"
+SEED = 42
+
+STATE_RECIPE = "train_diffusion_unet_lowdim_workspace"
+IMAGE_RECIPE = "train_diffusion_unet_hybrid_workspace"
+
+# (label, scheduler class, num_inference_steps). DDPM-100 is the paper's sampler; DDIM-10/16 are the
+# fast samplers of the paper's real-robot setup.
+# The middle field names the shipped config group policy/noise_scheduler=<group>.
+SAMPLERS = (("ddpm100", "ddpm", 100), ("ddim10", "ddim", 10), ("ddim16", "ddim", 16))
+SAMPLER_BY_LABEL = {s[0]: s for s in SAMPLERS}
+LATENCY_BATCHES = (1, 56)
+
+# Smoke mode shrinks the networks; everything else (dataset, sampler, runner) stays the shipped code.
+TINY_STATE = ["policy.model.down_dims=[16,32]", "policy.model.diffusion_step_embed_dim=16"]
+TINY_IMAGE = [
+    "policy.down_dims=[16,32]",
+    "policy.diffusion_step_embed_dim=16",
+    "policy.crop_shape=[48,48]",
+]
+
+
+@dataclass
+class Plan:
+    """How hard each benchmark works in one mode."""
+
+    mode: str
+    train_warmup: int
+    train_steps: int
+    train_batch_size: int | None  # None: the recipe's batch size
+    latency_warmup: int  # DDIM-10 calls once per batch size, before any sampler is timed
+    sampler_warmup: int  # untimed calls per sampler
+    latency_repeats: int
+    ddpm_repeats: int | None = None  # timed DDPM-100 calls, if fewer than latency_repeats
+    # (recipe kind, sampler label, batch) combinations left out in this mode, with the reason
+    latency_skip: dict[tuple[str, str, int], str] = field(default_factory=dict)
+    eval_runner_overrides: list[str] = field(default_factory=list)
+    eval_sampler: str | None = None  # None: the recipe's own sampler
+    env_episodes: int = 10
+    env_max_steps: int | None = None
+    tiny: bool = False
+    image_subset_episodes: int | None = None  # smoke: a small copy of the first episodes
+
+
+def make_plan(mode: str) -> Plan:
+    if mode == "full":
+        return Plan(
+            mode,
+            train_warmup=10,
+            train_steps=50,
+            train_batch_size=None,
+            latency_warmup=3,
+            sampler_warmup=2,
+            latency_repeats=20,
+            env_episodes=20,
+        )
+    if mode == "quick":
+        too_slow = "left out in --quick: tens of seconds to minutes per call on a CPU; run without --quick"
+        return Plan(
+            mode,
+            train_warmup=1,
+            train_steps=1,
+            train_batch_size=None,
+            latency_warmup=1,
+            sampler_warmup=0,
+            latency_repeats=2,
+            ddpm_repeats=1,
+            latency_skip={
+                ("state", "ddpm100", 56): too_slow,
+                ("state", "ddim16", 56): too_slow,
+                ("image", "ddpm100", 56): too_slow,
+                ("image", "ddim10", 56): too_slow,
+                ("image", "ddim16", 56): too_slow,
+            },
+            eval_runner_overrides=["task.env_runner.n_train=1", "task.env_runner.n_test=2"],
+            eval_sampler="ddim10",
+            env_episodes=10,
+        )
+    if mode == "smoke":
+        return Plan(
+            mode,
+            train_warmup=1,
+            train_steps=1,
+            train_batch_size=4,
+            latency_warmup=0,
+            sampler_warmup=0,
+            latency_repeats=1,
+            eval_runner_overrides=[
+                "task.env_runner.n_train=1",
+                "task.env_runner.n_test=1",
+                "task.env_runner.max_steps=16",
+                "task.env_runner.n_envs=1",
+            ],
+            eval_sampler="ddim10",
+            env_episodes=1,
+            env_max_steps=20,
+            tiny=True,
+            image_subset_episodes=2,
+        )
+    raise ValueError(f"unknown mode {mode!r}: use full, quick or smoke")
+
+
+# ----------------------------------------------------------------------------------------------------
+# plumbing
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def hardware_string(device: torch.device) -> str:
+    cpu = f"{cpu_model()} ({usable_cores()} cores, {torch.get_num_threads()} torch threads)"
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        return f"{gpu} + CPU {cpu}; torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"CPU {cpu}; torch {torch.__version__}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def find_pusht_zarr(explicit: str | None) -> Path:
+    candidates = [Path(explicit)] if explicit else []
+    if os.environ.get("PUSHT_ZARR"):
+        candidates.append(Path(os.environ["PUSHT_ZARR"]))
+    candidates += [REPO_ROOT / "data" / ZARR_RELPATH, REPO_ROOT.parent / "shared" / "data" / ZARR_RELPATH]
+    for c in candidates:
+        if (c / "meta" / "episode_ends").exists():
+            return c.resolve()
+    raise SystemExit(
+        "PushT dataset not found: pass --zarr PATH, set PUSHT_ZARR, or link "
+        "data/pusht/pusht_cchi_v7_replay.zarr"
+    )
+
+
+def write_subset_zarr(src: Path, dst: Path, n_episodes: int) -> Path:
+    """Copy the first ``n_episodes`` of the real dataset into a small zarr v2 store (smoke mode only)."""
+    import zarr
+
+    root = zarr.open_group(str(src), mode="r")
+    ends = np.asarray(root["meta/episode_ends"][:])[:n_episodes]
+    n = int(ends[-1])
+    out = zarr.open_group(str(dst), mode="w", zarr_format=2)
+    out.create_group("meta").create_array("episode_ends", data=ends.astype(np.int64))
+    data = out.create_group("data")
+    for key in root["data"].array_keys():
+        arr = np.asarray(root["data"][key][:n])
+        data.create_array(key, data=arr, chunks=(min(n, 161),) + arr.shape[1:])
+    return dst
+
+
+def percentile_ms(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples) * 1e3, q))
+
+
+class Recorder:
+    """Collects result rows, prints each to stdout as it is made and optionally to a file."""
+
+    def __init__(self, hardware: str, out_path: str | None):
+        self.hardware = hardware
+        self.rows: list[dict[str, Any]] = []
+        self._out = open(out_path, "w") if out_path else None  # noqa: SIM115 (closed in close())
+
+    def emit(self, name: str, value: float | None, unit: str, config: dict[str, Any]) -> None:
+        row = {"name": name, "value": value, "unit": unit, "config": config, "hardware": self.hardware}
+        line = json.dumps(row, sort_keys=False, default=str)
+        print(line, flush=True)
+        if self._out:
+            self._out.write(line + "\n")
+            self._out.flush()
+        self.rows.append(row)
+
+    def close(self) -> None:
+        if self._out:
+            self._out.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# recipes
+
+
+class Recipes:
+    """Composes the shipped configs once per process and caches datasets, which are costly to load."""
+
+    def __init__(self, plan: Plan, device: torch.device, zarr_path: Path, workdir: Path):
+        self.plan = plan
+        self.device = device
+        self.zarr_path = zarr_path
+        self.workdir = workdir
+        self._datasets: dict[str, Any] = {}
+        self._image_zarr: Path | None = None
+
+    def _image_zarr_path(self) -> Path:
+        if self.plan.image_subset_episodes is None:
+            return self.zarr_path
+        if self._image_zarr is None:
+            log(f"writing a {self.plan.image_subset_episodes}-episode subset of the dataset (smoke mode)")
+            self._image_zarr = write_subset_zarr(
+                self.zarr_path, self.workdir / "pusht_subset.zarr", self.plan.image_subset_episodes
+            )
+        return self._image_zarr
+
+    def compose(self, kind: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
+        from hydra import compose, initialize_config_dir
+
+        if not (CONFIG_DIR / f"{STATE_RECIPE}.yaml").exists():
+            raise SystemExit(f"recipe configs not found under {CONFIG_DIR}")
+        if kind == "state":
+            name = STATE_RECIPE
+            base = [f"task.dataset.zarr_path={self.zarr_path}"]
+            tiny = TINY_STATE
+        else:
+            name = IMAGE_RECIPE
+            base = ["task=pusht_image", f"task.dataset.zarr_path={self._image_zarr_path()}"]
+            tiny = TINY_IMAGE
+        all_overrides = base + (tiny if self.plan.tiny else []) + list(overrides)
+        register_resolvers()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return compose(config_name=name, overrides=all_overrides)
+
+    def scheduler(self, kind: str, sampler: str) -> tuple[Any, int]:
+        """The sampler as the shipped ``policy/noise_scheduler`` group builds it, with the step count set."""
+        from hydra.utils import instantiate
+
+        _, group, steps = SAMPLER_BY_LABEL[sampler]
+        cfg = self.compose(kind, [f"policy/noise_scheduler={group}", f"policy.num_inference_steps={steps}"])
+        return instantiate(cfg.policy.noise_scheduler), int(cfg.policy.num_inference_steps)
+
+    def dataset(self, kind: str, cfg: Any) -> Any:
+        from hydra.utils import instantiate
+
+        if kind not in self._datasets:
+            t0 = time.perf_counter()
+            self._datasets[kind] = instantiate(cfg.task.dataset)
+            log(f"{kind} dataset: {len(self._datasets[kind])} windows in {time.perf_counter() - t0:.1f}s")
+        return self._datasets[kind]
+
+    def policy(self, kind: str, cfg: Any, sampler: str | None = None) -> Any:
+        """The recipe's policy with a normalizer, moved to the device; ``sampler`` swaps DDPM/DDIM."""
+        from hydra.utils import instantiate
+
+        seed_everything()
+        policy = instantiate(cfg.policy)
+        policy.set_normalizer(self.dataset(kind, cfg).get_normalizer())
+        if sampler is not None:
+            self.set_sampler(kind, policy, sampler)
+        return policy.to(self.device).eval()
+
+    def set_sampler(self, kind: str, policy: Any, sampler: str) -> None:
+        """Swap the sampling scheduler of a built policy (training is unaffected; weights stay)."""
+        for attr in ("noise_scheduler", "num_inference_steps"):
+            if not hasattr(policy, attr):
+                raise SystemExit(
+                    f"{type(policy).__name__} has no attribute {attr!r}; cannot swap the sampler"
+                )
+        policy.noise_scheduler, policy.num_inference_steps = self.scheduler(kind, sampler)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmarks
+
+
+def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
+    """Optimizer steps/s of the shipped recipe: data loading, forward, backward, AdamW, LR schedule, EMA."""
+    from diffusers.optimization import get_scheduler
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from diffusion_policy.common.pytorch_util import dict_apply
+
+    plan, device = recipes.plan, recipes.device
+    overrides = []
+    if plan.train_batch_size is not None:
+        overrides.append(f"dataloader.batch_size={plan.train_batch_size}")
+    if plan.tiny:
+        overrides.append("dataloader.num_workers=0")
+    cfg = recipes.compose(kind, overrides)
+    dataset = recipes.dataset(kind, cfg)
+    seed_everything()
+    model = instantiate(cfg.policy)
+    model.set_normalizer(dataset.get_normalizer())
+    ema_model = copy.deepcopy(model)
+    model.to(device)
+    ema_model.to(device)
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    lr_scheduler = get_scheduler(
+        cfg.training.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.training.lr_warmup_steps,
+        num_training_steps=10**6,
+    )
+    ema = instantiate(cfg.ema, model=ema_model) if cfg.training.use_ema else None
+
+    loader_kwargs = dict(cfg.dataloader)
+    if device.type != "cuda":
+        loader_kwargs["pin_memory"] = False  # pinning is meaningless without an accelerator
+    loader = DataLoader(dataset, **loader_kwargs)
+    batch_size = int(loader_kwargs["batch_size"])
+
+    def batches() -> Iterator[Any]:
+        while True:
+            yield from loader
+
+    it = batches()
+    model.train()
+    n_total = plan.train_warmup + plan.train_steps
+    data_wait = 0.0
+    t_start = 0.0
+    for step in range(n_total):
+        if step == plan.train_warmup:
+            sync(device)
+            t_start, data_wait = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        batch = next(it)
+        data_wait += time.perf_counter() - t0
+        batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
+        loss = model.compute_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(model)
+        loss_value = loss.item()  # the training loop logs it every step; its sync is part of the cost
+        sync(device)
+        if step < plan.train_warmup or step % max(1, plan.train_steps // 5) == 0:
+            log(f"train_{kind} step {step + 1}/{n_total} loss {loss_value:.4f}")
+    elapsed = time.perf_counter() - t_start
+    steps_per_s = plan.train_steps / elapsed
+    config = {
+        "recipe": STATE_RECIPE if kind == "state" else IMAGE_RECIPE,
+        "mode": plan.mode,
+        "device": str(device),
+        "batch_size": batch_size,
+        "num_workers": int(loader_kwargs.get("num_workers", 0)),
+        "persistent_workers": bool(loader_kwargs.get("persistent_workers", False)),
+        "pin_memory": bool(loader_kwargs.get("pin_memory", False)),
+        "params": n_params(model),
+        "warmup_steps": plan.train_warmup,
+        "measured_steps": plan.train_steps,
+        "seconds": round(elapsed, 3),
+        "step": "next(batch), to(device), compute_loss, backward, AdamW, LR schedule, EMA, loss.item()",
+        "precision": "fp32",
+        "tiny_networks": plan.tiny,
+    }
+    prefix = f"train_{kind}"
+    rec.emit(f"{prefix}.optimizer_steps_per_s", steps_per_s, "steps/s", config)
+    rec.emit(f"{prefix}.samples_per_s", steps_per_s * batch_size, "samples/s", config)
+    rec.emit(f"{prefix}.data_wait_share", data_wait / elapsed, "fraction", config)
+
+
+def latency_obs(kind: str, dataset: Any, batch: int, n_obs_steps: int, device: torch.device) -> dict:
+    """Real observations from the dataset, cut to the policy's (B, To, ...) input."""
+    rng = np.random.default_rng(SEED)
+    idx = rng.choice(len(dataset), size=batch, replace=len(dataset) < batch)
+    items = [dataset[int(i)] for i in idx]
+    if kind == "state":
+        obs = torch.stack([item["obs"][:n_obs_steps] for item in items])
+        return {"obs": obs.to(device)}
+    keys = items[0]["obs"].keys()
+    return {k: torch.stack([item["obs"][k][:n_obs_steps] for item in items]).to(device) for k in keys}
+
+
+def bench_latency(kind: str, recipes: Recipes, rec: Recorder) -> None:
+    """Wall time of one predict_action call (an 8-action chunk) per sampler and batch size."""
+    plan, device = recipes.plan, recipes.device
+    cfg = recipes.compose(kind)
+    policy = recipes.policy(kind, cfg)
+    dataset = recipes.dataset(kind, cfg)
+    n_obs_steps = int(cfg.n_obs_steps)
+    for batch in LATENCY_BATCHES:
+        obs = latency_obs(kind, dataset, batch, n_obs_steps, device)
+        if plan.latency_warmup and not all(
+            (kind, label, batch) in plan.latency_skip for label, *_ in SAMPLERS
+        ):
+            # first calls at a batch size pay for allocations and kernel selection, whatever the sampler
+            recipes.set_sampler(kind, policy, "ddim10")
+            with torch.inference_mode():
+                for _ in range(plan.latency_warmup):
+                    policy.predict_action(obs)
+            sync(device)
+        for label, _, steps in SAMPLERS:
+            name = f"latency_{kind}.{label}.b{batch}"
+            config = {
+                "recipe": STATE_RECIPE if kind == "state" else IMAGE_RECIPE,
+                "mode": plan.mode,
+                "device": str(device),
+                "sampler": label,
+                "num_inference_steps": steps,
+                "batch_size": batch,
+                "params": n_params(policy),
+                "tiny_networks": plan.tiny,
+            }
+            skip = plan.latency_skip.get((kind, label, batch))
+            if skip:
+                log(f"{name}: skipped ({skip})")
+                for q in ("p50", "p95"):
+                    rec.emit(f"{name}.{q}", None, "ms", {**config, "skipped": skip})
+                continue
+            recipes.set_sampler(kind, policy, label)
+            repeats = plan.latency_repeats
+            if label.startswith("ddpm") and plan.ddpm_repeats is not None:
+                repeats = min(repeats, plan.ddpm_repeats)
+            times = []
+            with torch.inference_mode():
+                for i in range(plan.sampler_warmup + repeats):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    out = policy.predict_action(obs)
+                    sync(device)
+                    if i >= plan.sampler_warmup:
+                        times.append(time.perf_counter() - t0)
+            if tuple(out["action"].shape[:1]) != (batch,):
+                raise RuntimeError(f"{name}: predict_action returned action {tuple(out['action'].shape)}")
+            config.update(
+                warmup_calls_per_batch=plan.latency_warmup,
+                warmup_calls=plan.sampler_warmup,
+                repeats=len(times),
+            )
+            log(f"{name}: p50 {percentile_ms(times, 50):.1f} ms over {len(times)} calls")
+            rec.emit(f"{name}.p50", percentile_ms(times, 50), "ms", config)
+            rec.emit(f"{name}.p95", percentile_ms(times, 95), "ms", config)
+    del policy
+
+
+def bench_eval(recipes: Recipes, rec: Recorder) -> None:
+    """Wall time of the PushT evaluation protocol (runner.run) with the state recipe's policy."""
+    from hydra.utils import instantiate
+
+    plan, device = recipes.plan, recipes.device
+    cfg = recipes.compose("state", plan.eval_runner_overrides)
+    sampler = plan.eval_sampler
+    policy = recipes.policy("state", cfg, sampler)
+    sampler_desc = sampler or type(policy.noise_scheduler).__name__ + f"-{policy.num_inference_steps}"
+
+    policy_time = 0.0
+    n_calls = 0
+    inner = policy.predict_action
+
+    def timed_predict_action(obs_dict: dict) -> dict:
+        nonlocal policy_time, n_calls
+        sync(device)
+        t0 = time.perf_counter()
+        out = inner(obs_dict)
+        sync(device)
+        policy_time += time.perf_counter() - t0
+        n_calls += 1
+        return out
+
+    policy.predict_action = timed_predict_action
+    out_dir = recipes.workdir / "eval_protocol"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runner_cfg = cfg.task.env_runner
+    t0 = time.perf_counter()
+    runner = instantiate(runner_cfg, output_dir=str(out_dir))
+    t_built = time.perf_counter()
+    seed_everything()
+    try:
+        with torch.inference_mode():
+            result = runner.run(policy)
+        t_run = time.perf_counter() - t_built
+    finally:
+        close = getattr(runner, "close", None)
+        if callable(close):
+            close()
+    n_episodes = int(runner_cfg.n_train) + int(runner_cfg.n_test)
+    config = {
+        "recipe": STATE_RECIPE,
+        "mode": plan.mode,
+        "device": str(device),
+        "policy": f"state UNet policy, untrained weights, sampler {sampler_desc}",
+        "episodes": n_episodes,
+        "n_train": int(runner_cfg.n_train),
+        "n_test": int(runner_cfg.n_test),
+        "max_steps": int(runner_cfg.max_steps),
+        "n_action_steps": int(cfg.n_action_steps),
+        "n_envs": getattr(runner, "n_envs", runner_cfg.get("n_envs")),
+        "videos": min(int(runner_cfg.get("n_train_vis", 0)), int(runner_cfg.n_train))
+        + min(int(runner_cfg.get("n_test_vis", 0)), int(runner_cfg.n_test)),
+        "runner_build_s": round(t_built - t0, 3),
+        "policy_calls": n_calls,
+        "policy_share": round(policy_time / t_run, 4) if t_run > 0 else None,
+        "test_mean_score": result.get("test/mean_score"),
+        "note": "untrained policy: episodes rarely end early, so this is the full 300-step worst case",
+        "tiny_networks": plan.tiny,
+    }
+    log(f"eval_protocol: {n_episodes} episodes in {t_run:.1f}s ({n_calls} policy calls)")
+    rec.emit("eval_protocol.wall_time", t_run, "s", config)
+    share = policy_time / t_run if t_run > 0 else None
+    rec.emit("eval_protocol.policy_time_share", share, "fraction", config)
+    del policy
+
+
+def replay_env(
+    make_env: Callable[[], Any],
+    actions: np.ndarray,
+    ends: np.ndarray,
+    n_episodes: int,
+    max_steps: int | None,
+    render: bool,
+) -> tuple[int, float, int]:
+    """Replay the first demonstrations open-loop (episode i was recorded from seed i)."""
+    env = make_env()
+    steps, elapsed, render_calls = 0, 0.0, 0
+    starts = np.concatenate([[0], ends[:-1]])
+    try:
+        for ep in range(n_episodes):
+            acts = actions[starts[ep] : ends[ep]]
+            if max_steps is not None:
+                acts = acts[:max_steps]
+            t0 = time.perf_counter()
+            env.reset(seed=ep)
+            for a in acts:
+                env.step(a)
+                if render:
+                    env.render()
+                    render_calls += 1
+            elapsed += time.perf_counter() - t0
+            steps += len(acts)
+    finally:
+        env.close()
+    return steps, elapsed, render_calls
+
+
+def bench_env(recipes: Recipes, rec: Recorder) -> None:
+    """PushT env steps/s replaying real demonstration actions, with and without rendering."""
+    import zarr
+
+    from diffusion_policy.env.pusht.pusht_env import PushTEnv
+    from diffusion_policy.env.pusht.pusht_image_env import PushTImageEnv
+    from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
+
+    plan = recipes.plan
+    root = zarr.open_group(str(recipes.zarr_path), mode="r")
+    ends = np.asarray(root["meta/episode_ends"][: plan.env_episodes]).astype(np.int64)
+    actions = np.asarray(root["data/action"][: int(ends[-1])]).astype(np.float64)
+
+    variants = [
+        ("state", "PushTEnv, no rendering", lambda: PushTEnv(legacy=True, render_mode=None), False),
+        (
+            "keypoints",
+            "PushTKeypointsEnv (state policy's env), no rendering",
+            lambda: PushTKeypointsEnv(legacy=True, render_mode=None),
+            False,
+        ),
+        (
+            "image",
+            "PushTImageEnv: renders the 96x96 observation every step",
+            lambda: PushTImageEnv(legacy=True),
+            False,
+        ),
+        (
+            "state_render",
+            "PushTEnv + render() every step (what a video frame costs)",
+            lambda: PushTEnv(legacy=True, render_mode="rgb_array"),
+            True,
+        ),
+    ]
+    for label, desc, make_env, render in variants:
+        steps, elapsed, render_calls = replay_env(
+            make_env, actions, ends, plan.env_episodes, plan.env_max_steps, render
+        )
+        config = {
+            "env": desc,
+            "mode": plan.mode,
+            "episodes": plan.env_episodes,
+            "steps": steps,
+            "render_calls": render_calls,
+            "seconds": round(elapsed, 3),
+            "actions": "demonstration actions replayed open-loop from each episode's seed",
+            "processes": 1,
+        }
+        log(f"env_steps.{label}: {steps / elapsed:.0f} steps/s")
+        rec.emit(f"env_steps.{label}", steps / elapsed, "steps/s", config)
+
+
+BENCHMARKS: dict[str, Callable[[Recipes, Recorder], None]] = {
+    "env_steps": bench_env,
+    "train_state": lambda r, rec: bench_train("state", r, rec),
+    "train_image": lambda r, rec: bench_train("image", r, rec),
+    "latency_state": lambda r, rec: bench_latency("state", r, rec),
+    "latency_image": lambda r, rec: bench_latency("image", r, rec),
+    "eval_protocol": bench_eval,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repeats, smaller eval (<5 min, 2-core CPU)")
+    mode.add_argument("--smoke", action="store_true", help="tiny nets, 1-2 iterations: checks plumbing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda:0 (default: auto)")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(BENCHMARKS)}")
+    p.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--zarr", default=None, help="path of pusht_cchi_v7_replay.zarr (default: data/pusht/...)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = list(BENCHMARKS)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    plan = make_plan("quick" if args.quick else "smoke" if args.smoke else "full")
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    seed_everything()
+    rec = Recorder(hardware_string(device), args.out)
+    workdir = Path(tempfile.mkdtemp(prefix="dp_bench_"))
+    recipes = Recipes(plan, device, find_pusht_zarr(args.zarr), workdir)
+    log(f"mode {plan.mode}, device {device}, hardware: {rec.hardware}")
+    t_all = time.perf_counter()
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            log(f"--- {name}")
+            seed_everything()
+            BENCHMARKS[name](recipes, rec)
+            log(f"--- {name} done in {time.perf_counter() - t0:.1f}s")
+    finally:
+        rec.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    log(f"all done in {time.perf_counter() - t_all:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

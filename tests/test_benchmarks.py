@@ -1,0 +1,221 @@
+"""The benchmark suite and the results plumbing: form and arithmetic, never timings.
+
+``benchmarks/run.py --smoke`` (tiny networks, 1-2 iterations, one short episode) must emit one well-formed
+JSON line for every benchmark; the aggregation and plotting scripts are checked on a synthetic
+``logs.json.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = REPO_ROOT / "benchmarks"
+
+SAMPLERS = ("ddpm100", "ddim10", "ddim16")
+EXPECTED = (
+    [
+        f"train_{k}.{m}"
+        for k in ("state", "image")
+        for m in ("optimizer_steps_per_s", "samples_per_s", "data_wait_share")
+    ]
+    + [
+        f"latency_{k}.{s}.b{b}.{q}"
+        for k in ("state", "image")
+        for s in SAMPLERS
+        for b in (1, 56)
+        for q in ("p50", "p95")
+    ]
+    + ["eval_protocol.wall_time", "eval_protocol.policy_time_share"]
+    + [f"env_steps.{v}" for v in ("state", "keypoints", "image", "state_render")]
+)
+UNITS = {"optimizer_steps_per_s": "steps/s", "samples_per_s": "samples/s", "data_wait_share": "fraction"}
+
+
+def _env(pusht_zarr_path: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1", PUSHT_ZARR=pusht_zarr_path, WANDB_MODE="disabled", SDL_VIDEODRIVER="dummy"
+    )
+    return env
+
+
+def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 60):
+    return subprocess.run(
+        [sys.executable, str(BENCH / name), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(pusht_zarr_path, tmp_path_factory):
+    out_file = tmp_path_factory.mktemp("bench") / "smoke.jsonl"
+    proc = _script(
+        "run.py", "--smoke", "--device", "cpu", "--out", str(out_file), env=_env(pusht_zarr_path), timeout=180
+    )
+    assert proc.returncode == 0, f"run.py --smoke failed:\n{proc.stderr[-4000:]}"
+    return proc, out_file
+
+
+def test_smoke_prints_one_valid_row_per_benchmark(smoke):
+    proc, _ = smoke
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    rows = [json.loads(ln) for ln in lines]  # every stdout line is a JSON object: progress goes to stderr
+    names = [r["name"] for r in rows]
+    assert sorted(names) == sorted(EXPECTED), (
+        f"missing {set(EXPECTED) - set(names)}, extra {set(names) - set(EXPECTED)}"
+    )
+    for r in rows:
+        assert set(r) == {"name", "value", "unit", "config", "hardware"}, r
+        assert isinstance(r["value"], float | int) and math.isfinite(r["value"]) and r["value"] >= 0, r
+        assert isinstance(r["unit"], str) and r["unit"], r
+        assert isinstance(r["config"], dict) and r["config"].get("mode") == "smoke", r
+        assert "torch" in r["hardware"] and ("CPU" in r["hardware"] or "cuda" in r["hardware"].lower()), r
+    by_name = {r["name"]: r for r in rows}
+    for kind in ("state", "image"):
+        for metric, unit in UNITS.items():
+            assert by_name[f"train_{kind}.{metric}"]["unit"] == unit
+        assert 0.0 <= by_name[f"train_{kind}.data_wait_share"]["value"] <= 1.0
+        steps = by_name[f"train_{kind}.optimizer_steps_per_s"]
+        samples = by_name[f"train_{kind}.samples_per_s"]["value"]
+        assert samples == pytest.approx(steps["value"] * steps["config"]["batch_size"])
+        for s in SAMPLERS:
+            for b in (1, 56):
+                p50 = by_name[f"latency_{kind}.{s}.b{b}.p50"]
+                assert p50["unit"] == "ms" and p50["config"]["batch_size"] == b
+                assert p50["value"] <= by_name[f"latency_{kind}.{s}.b{b}.p95"]["value"]
+    assert by_name["latency_state.ddim10.b1.p50"]["config"]["num_inference_steps"] == 10
+    assert by_name["latency_state.ddpm100.b1.p50"]["config"]["num_inference_steps"] == 100
+    ev = by_name["eval_protocol.wall_time"]
+    assert ev["unit"] == "s" and ev["config"]["policy_calls"] >= 1
+    assert 0.0 <= by_name["eval_protocol.policy_time_share"]["value"] <= 1.0
+    assert by_name["env_steps.state_render"]["config"]["render_calls"] > 0
+
+
+def test_out_file_holds_the_same_rows(smoke):
+    proc, out_file = smoke
+    stdout_rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    file_rows = [json.loads(ln) for ln in out_file.read_text().splitlines()]
+    assert file_rows == stdout_rows
+
+
+def test_only_rejects_unknown_benchmark(pusht_zarr_path):
+    proc = _script("run.py", "--smoke", "--only", "env_steps,no_such_bench", env=_env(pusht_zarr_path))
+    assert proc.returncode != 0
+    assert "no_such_bench" in proc.stderr and proc.stdout == ""
+
+
+def _write_log(
+    path: Path,
+    scores: list[float],
+    successes: list[float],
+    resume_rewrite: dict | None = None,
+    elapsed_key: bool = True,
+) -> None:
+    """A log shaped like the training loop's: per-step rows, then an epoch-end row; rollout every 5 epochs."""
+    lines = []
+    step = 0
+    for epoch in range(5 * len(scores)):
+        for _ in range(2):
+            lines.append({"train_loss": 1.0 / (epoch + 1), "global_step": step, "epoch": epoch, "lr": 1e-4})
+            step += 1
+        end = {
+            "train_loss": 1.0 / (epoch + 1),
+            "val_loss": 1.5 / (epoch + 1),
+            "global_step": step,
+            "epoch": epoch,
+        }
+        if elapsed_key:
+            end["wall_time"] = 60.0 * (epoch + 1)
+        else:  # our training loop logs each epoch's duration instead
+            end["time/epoch_s"] = 30.0
+        if epoch % 5 == 0:
+            end["test/mean_score"] = scores[epoch // 5]
+            end["test/success_rate"] = successes[epoch // 5]
+            end["train/mean_score"] = scores[epoch // 5]
+        lines.append(end)
+        step += 1
+    if resume_rewrite:  # a resumed run re-logs an epoch: the later row counts
+        lines.append(resume_rewrite)
+    text = (
+        "\n".join(json.dumps(x) for x in lines) + '\n{"train_loss": 0.1, "glob'
+    )  # torn line of a killed run
+    path.write_text(text)
+
+
+@pytest.fixture()
+def two_seeds(tmp_path):
+    a, b = tmp_path / "seed42", tmp_path / "seed43"
+    a.mkdir()
+    b.mkdir()
+    # seed 42: 12 evaluations with scores 0.00 .. 0.55; max 0.55, last 10 = mean(0.10..0.55) = 0.325
+    _write_log(a / "logs.json.txt", [i / 20 for i in range(12)], [i / 40 for i in range(12)])
+    # seed 43: first evaluation 0.97, then 0.9 except the evaluation at epoch 40 which is re-logged as 0.7
+    scores_b = [0.97] + [0.9] * 10
+    rewrite = {
+        "train_loss": 0.5,
+        "global_step": 10_000,
+        "epoch": 40,
+        "test/mean_score": 0.7,
+        "test/success_rate": 0.1,
+    }
+    _write_log(b / "logs.json.txt", scores_b, [0.5] * 11, rewrite, elapsed_key=False)
+    return a, b
+
+
+def test_aggregate_metrics_numbers(two_seeds):
+    a, b = two_seeds
+    proc = _script("aggregate_metrics.py", str(a), str(b / "logs.json.txt"), "--label", "demo", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row, payload = proc.stdout.split("\n", 1)
+    result = json.loads(payload)
+    ra, rb = result["runs"]
+    assert ra["max"] == pytest.approx(0.55)
+    assert ra["last10"] == pytest.approx(sum(i / 20 for i in range(2, 12)) / 10)
+    assert ra["success_last10"] == pytest.approx(sum(i / 40 for i in range(2, 12)) / 10)
+    assert ra["evaluations"] == 12 and ra["optimizer_steps"] == 60 * 3
+    assert ra["wall_time_h"] == pytest.approx(60 * 60 / 3600)
+    # the re-logged epoch 40 (0.7) replaces the 0.9 logged there first; the torn last line is ignored
+    assert rb["max"] == pytest.approx(0.97)
+    assert rb["last10"] == pytest.approx((0.9 * 9 + 0.7) / 10)
+    assert rb["evaluations"] == 11
+    assert rb["wall_time_h"] == pytest.approx(55 * 30 / 3600)  # sum of time/epoch_s over 55 epochs
+    agg = result["aggregate"]
+    assert agg["seeds"] == 2
+    assert agg["max"] == pytest.approx((0.55 + 0.97) / 2)
+    assert agg["last10"] == pytest.approx((ra["last10"] + rb["last10"]) / 2)
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert cells[0] == "demo" and cells[1] == "2"
+    assert cells[2].startswith(f"{(0.55 + 0.97) / 2:.3f} ± ")
+    assert cells[3].startswith(f"{agg['last10']:.3f} ± ")
+
+
+def test_aggregate_metrics_rejects_log_without_scores(tmp_path):
+    log = tmp_path / "logs.json.txt"
+    log.write_text(json.dumps({"train_loss": 1.0, "global_step": 0, "epoch": 0}) + "\n")
+    proc = _script("aggregate_metrics.py", str(log))
+    assert proc.returncode != 0 and "test/mean_score" in proc.stderr
+
+
+def test_plot_learning_curves_writes_png(two_seeds, tmp_path):
+    a, b = two_seeds
+    out = tmp_path / "plots" / "curves.png"
+    proc = _script("plot_learning_curves.py", str(a), str(b), "--labels", "s42,s43", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(str(out)).shape[:2]
+    assert h > 400 and w > 600
