@@ -1,0 +1,61 @@
+"""Learning-rate schedules from diffusers, stepped once per optimizer step.
+
+``get_scheduler("cosine", ...)`` is diffusers' cosine-with-warmup (half a cosine period: lr goes 0 -> lr over
+the
+warmup, then down to 0 at ``num_training_steps``). Two differences from calling ``diffusers.get_scheduler``:
+the schedule functions are called directly, so cosine keeps its own ``num_cycles=0.5`` default
+(``get_scheduler``
+passes ``num_cycles=1``, a full period that climbs back to the peak), and the step is clamped at
+``num_training_steps``, so training past the planned length stays at the final lr instead of the cosine rising
+again (a bug of the original when resumed runs overshoot).
+"""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def get_scheduler(
+    name: str,
+    optimizer: Optimizer,
+    num_warmup_steps: int | None = None,
+    num_training_steps: int | None = None,
+    last_epoch: int = -1,
+    **kwargs,
+) -> LambdaLR:
+    """A ``LambdaLR`` for the diffusers schedule ``name`` (linear, cosine, constant_with_warmup, ...)."""
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    try:
+        schedule_type = SchedulerType(name)
+    except ValueError:
+        valid = ", ".join(t.value for t in SchedulerType)
+        raise ValueError(f"training.lr_scheduler={name!r} is unknown; use one of: {valid}") from None
+    schedule_func = TYPE_TO_SCHEDULER_FUNCTION[schedule_type]
+    if schedule_type == SchedulerType.CONSTANT:
+        scheduler = schedule_func(optimizer, **kwargs)
+    elif schedule_type == SchedulerType.CONSTANT_WITH_WARMUP:
+        scheduler = schedule_func(optimizer, num_warmup_steps=num_warmup_steps, **kwargs)
+    else:
+        if num_warmup_steps is None or num_training_steps is None:
+            raise ValueError(f"lr schedule {name!r} needs num_warmup_steps and num_training_steps")
+        scheduler = schedule_func(
+            optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, **kwargs
+        )
+        if num_training_steps > 0:
+            scheduler.lr_lambdas = [_clamped(fn, num_training_steps) for fn in scheduler.lr_lambdas]
+    if last_epoch >= 0:
+        # the original resumes by rebuilding the schedule at the current step
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        scheduler.last_epoch = last_epoch
+        scheduler.step()
+    return scheduler
+
+
+def _clamped(fn, max_step: int):
+    def lr_lambda(step: int) -> float:
+        return fn(min(step, max_step))
+
+    return lr_lambda

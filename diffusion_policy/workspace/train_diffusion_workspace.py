@@ -1,0 +1,409 @@
+"""The diffusion-policy training recipe, shared by the state (lowdim) and image (hybrid) workspaces.
+
+``run()`` reads top to bottom as the recipe: seed -> data and normalizer -> lr schedule, EMA, top-k -> resume
+->
+env runner and loggers -> per epoch: train, validate, roll out, action MSE on a training batch, log,
+checkpoint.
+
+Which model each step uses (as in the original):
+- training, validation loss: the live model ``self.model`` (validation in train mode, without gradients);
+- rollouts and the action MSE: the EMA copy ``self.ema_model`` when ``training.use_ema`` (else the live
+model).
+
+Fixed with respect to the original: resume restores the EMA step, LR schedule, top-k ranking, RNG and data
+order,
+and stops at ``num_epochs`` in total; the last epoch always rolls out and checkpoints; ``latest.ckpt`` is
+written
+atomically; checkpoint epochs without a rollout no longer crash the top-k; per-phase timings are logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from diffusion_policy.common import distributed
+from diffusion_policy.common.checkpoint_util import TopKCheckpointManager
+from diffusion_policy.common.device_util import resolve_device
+from diffusion_policy.common.errors import ConfigError
+from diffusion_policy.common.json_logger import JsonLogger
+from diffusion_policy.common.pytorch_util import dict_apply, optimizer_to
+from diffusion_policy.common.wandb_logger import WandbLogger
+from diffusion_policy.model.common.lr_scheduler import get_scheduler
+from diffusion_policy.workspace.base_workspace import BaseWorkspace
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build(node: DictConfig, what: str, **kwargs) -> Any:
+    """``hydra.utils.instantiate`` whose construction errors become a one-line ``ConfigError``."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, (FileNotFoundError, ValueError, TypeError, KeyError)):
+            target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+            raise ConfigError(f"{what} ({target}): {cause}") from cause
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{what}: {msg}") from e
+
+
+class TrainDiffusionWorkspace(BaseWorkspace):
+    state_attrs: ClassVar[tuple[str, ...]] = (
+        "model",
+        "ema_model",
+        "optimizer",
+        "lr_scheduler",
+        "ema",
+        "topk_manager",
+    )
+    value_attrs: ClassVar[tuple[str, ...]] = ("epoch", "global_step", "wandb_run_id")
+    dataset_base: ClassVar[type] = object
+    runner_base: ClassVar[type] = object
+
+    def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike | None = None):
+        super().__init__(cfg, output_dir=output_dir)
+        seed_everything(cfg.training.seed)
+        self.model = build(cfg.policy, "policy")
+        self.ema_model = copy.deepcopy(self.model) if cfg.training.use_ema else None
+        self.optimizer = build(cfg.optimizer, "optimizer", params=self.model.parameters())
+        # built in run(), where the data (and so the schedule length) is known
+        self.lr_scheduler = None
+        self.ema = None
+        self.topk_manager = None
+        self.epoch = 0
+        self.global_step = 0
+        self.wandb_run_id: str | None = None
+        # drives the shuffling of the training data; its state is checkpointed so a resumed run sees the same
+        # order
+        self.data_generator = torch.Generator().manual_seed(int(cfg.training.seed))
+
+    @property
+    def eval_policy(self):
+        return self.ema_model if self.ema_model is not None else self.model
+
+    # ================================================================== the recipe
+    def run(self) -> None:
+        cfg = self.resolved_run_config()
+        device, dist_info = self.setup_device(cfg)
+        seed_everything(cfg.training.seed + dist_info.rank)
+        if cfg.training.get("deterministic", False):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        # ===== data and normalizer =====
+        dataset = build(cfg.task.dataset, "task.dataset")
+        self.check_dataset(dataset, cfg)
+        train_loader = self.make_loader(dataset, cfg.dataloader, device, dist_info, train=True)
+        val_loader = self.make_loader(dataset.get_validation_dataset(), cfg.val_dataloader, device, dist_info)
+        normalizer = dataset.get_normalizer()
+        self.model.set_normalizer(normalizer)
+        if self.ema_model is not None:
+            self.ema_model.set_normalizer(normalizer)
+        sampling_batch = self.fixed_training_batch(dataset, cfg)
+
+        # ===== lr schedule, EMA, top-k =====
+        steps_per_epoch = len(train_loader)
+        if cfg.training.max_train_steps is not None:
+            steps_per_epoch = min(steps_per_epoch, cfg.training.max_train_steps)
+        self.lr_scheduler = get_scheduler(
+            cfg.training.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=cfg.training.lr_warmup_steps,
+            num_training_steps=(steps_per_epoch * cfg.training.num_epochs)
+            // cfg.training.gradient_accumulate_every,
+        )
+        if self.ema_model is not None:
+            self.ema = build(cfg.ema, "ema", model=self.ema_model)
+        ckpt_dir = Path(self.output_dir) / "checkpoints"
+        self.topk_manager = TopKCheckpointManager(save_dir=ckpt_dir, **cfg.checkpoint.topk)
+
+        # ===== resume =====
+        latest = self.checkpoint_path("latest")
+        resumed_rng = None
+        if latest.is_file() and not cfg.training.resume:
+            raise ConfigError(
+                f"{self.output_dir} already holds checkpoints/latest.ckpt; pass training.resume=True to "
+                "continue that run, or choose a new hydra.run.dir"
+            )
+        if cfg.training.resume and latest.is_file():
+            # RNG states are put back only right before the loop: building the runner and loggers below
+            # may draw random numbers, and an uninterrupted run did that before its first epoch, not here
+            resumed_rng = self.load_checkpoint(latest, restore_rng=False)["state"]["rng"]
+            if dist_info.is_main:
+                print(
+                    f"Resuming from {latest} at epoch {self.epoch} (global step {self.global_step})",
+                    flush=True,
+                )
+
+        # ===== env runner and loggers (rank 0 only) =====
+        env_runner = json_logger = wandb_logger = None
+        if dist_info.is_main:
+            env_runner = build(cfg.task.env_runner, "task.env_runner", output_dir=self.output_dir)
+            json_logger = JsonLogger(Path(self.output_dir) / "logs.json.txt")
+            # a resumed run redoes the steps after its checkpoint: drop their old log lines
+            json_logger.start(drop_from_step=self.global_step if resumed_rng is not None else None)
+            wandb_logger = WandbLogger(
+                OmegaConf.to_container(cfg.logging, resolve=True),
+                self.output_dir,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                run_id=self.wandb_run_id,
+            )
+            self.wandb_run_id = wandb_logger.run_id
+
+        # ===== device =====
+        self.model.to(device)
+        if self.ema_model is not None:
+            self.ema_model.to(device)
+        optimizer_to(self.optimizer, device)
+        train_module = distributed.wrap_for_training(self.model, dist_info, device)
+
+        def log(data: dict[str, Any]) -> None:
+            if dist_info.is_main:
+                json_logger.log(data)
+                wandb_logger.log(data, step=self.global_step)
+
+        # ===== training loop =====
+        t = cfg.training
+        if resumed_rng is not None:
+            self.set_rng_state(resumed_rng)
+        try:
+            while self.epoch < t.num_epochs:
+                epoch_start = time.perf_counter()
+                is_last_epoch = self.epoch == t.num_epochs - 1
+                if isinstance(train_loader.sampler, DistributedSampler):
+                    train_loader.sampler.set_epoch(self.epoch)
+                step_log = self.train_epoch(train_module, train_loader, device, cfg, log)
+
+                if dist_info.is_main:
+                    step_log.update(
+                        self.evaluate(cfg, device, val_loader, env_runner, sampling_batch, is_last_epoch)
+                    )
+                step_log["time/epoch_s"] = time.perf_counter() - epoch_start
+                log(step_log)
+                metrics = dict(step_log)
+                self.global_step += 1
+                self.epoch += 1
+
+                if dist_info.is_main and ((self.epoch - 1) % t.checkpoint_every == 0 or is_last_epoch):
+                    tic = time.perf_counter()
+                    self.save_checkpoints(cfg, metrics)
+                    print(
+                        f"epoch {self.epoch - 1}: checkpoint in {time.perf_counter() - tic:.2f}s", flush=True
+                    )
+                distributed.barrier(dist_info)
+        finally:
+            if env_runner is not None and hasattr(env_runner, "close"):
+                env_runner.close()
+            if json_logger is not None:
+                json_logger.stop()
+            if wandb_logger is not None:
+                wandb_logger.finish()
+            distributed.cleanup(dist_info)
+
+    # ================================================================== steps
+    def resolved_run_config(self) -> DictConfig:
+        """A copy of the config with ``training.debug`` applied (the original's debug switch)."""
+        cfg = copy.deepcopy(self.cfg)
+        if cfg.training.debug:
+            cfg.training.num_epochs = 2
+            cfg.training.max_train_steps = 3
+            cfg.training.max_val_steps = 3
+            cfg.training.rollout_every = 1
+            cfg.training.checkpoint_every = 1
+            cfg.training.val_every = 1
+            cfg.training.sample_every = 1
+        return cfg
+
+    def setup_device(self, cfg: DictConfig) -> tuple[torch.device, distributed.DistInfo]:
+        device = resolve_device(cfg.training.device)
+        dist_info = distributed.env_dist_info()
+        device = distributed.local_device(device, dist_info)
+        dist_info = distributed.init_distributed(device)
+        if dist_info.enabled:
+            # every rank resolved its own ${now:} run dir; all must use rank 0's (checkpoints, resume)
+            self._output_dir = distributed.broadcast_object(self.output_dir, dist_info)
+        return device, dist_info
+
+    def make_loader(
+        self, dataset, loader_cfg: DictConfig, device, dist_info, train: bool = False
+    ) -> DataLoader:
+        kwargs = OmegaConf.to_container(loader_cfg, resolve=True)
+        shuffle = bool(kwargs.pop("shuffle", False))
+        if device.type != "cuda":
+            kwargs["pin_memory"] = False  # only meaningful for host-to-GPU copies
+        if kwargs.get("num_workers", 0) == 0:
+            kwargs["persistent_workers"] = False
+        if train and dist_info.enabled:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=dist_info.world_size,
+                rank=dist_info.rank,
+                shuffle=shuffle,
+                seed=int(self.cfg.training.seed),
+            )
+            return DataLoader(dataset, sampler=sampler, **kwargs)
+        generator = self.data_generator if (train and shuffle) else None
+        return DataLoader(dataset, shuffle=shuffle, generator=generator, **kwargs)
+
+    def train_epoch(self, train_module, loader, device, cfg, log) -> dict[str, Any]:
+        """One pass over the training data; logs every step but the last (the epoch summary extends it)."""
+        t = cfg.training
+        self.model.train()
+        n_batches = len(loader) if t.max_train_steps is None else min(len(loader), t.max_train_steps)
+        accum = t.gradient_accumulate_every
+        losses: list[float] = []
+        data_s = step_s = 0.0
+        step_log: dict[str, Any] = {}
+        tic = time.perf_counter()
+        bar = tqdm(
+            loader,
+            total=n_batches,
+            desc=f"epoch {self.epoch}",
+            leave=False,
+            mininterval=t.tqdm_interval_sec,
+            disable=not distributed.env_dist_info().is_main,
+        )
+        for batch_idx, batch in enumerate(bar):
+            data_s += time.perf_counter() - tic
+            tic = time.perf_counter()
+            batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
+            raw_loss = train_module(batch)
+            (raw_loss / accum).backward()
+            if (batch_idx + 1) % accum == 0:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.model)
+            loss = raw_loss.item()
+            losses.append(loss)
+            step_s += time.perf_counter() - tic
+            bar.set_postfix(loss=loss, refresh=False)
+            step_log = {
+                "train_loss": loss,
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "lr": self.lr_scheduler.get_last_lr()[0],
+            }
+            if batch_idx == n_batches - 1:
+                break
+            log(step_log)
+            self.global_step += 1
+            tic = time.perf_counter()
+        bar.close()
+        step_log["train_loss"] = float(np.mean(losses))
+        step_log["time/data_s"] = data_s
+        step_log["time/step_s"] = step_s
+        return step_log
+
+    @torch.no_grad()
+    def evaluate(self, cfg, device, val_loader, env_runner, sampling_batch, is_last_epoch) -> dict[str, Any]:
+        """Validation loss, rollouts and action MSE, each on its own cadence; rank 0 only."""
+        t = cfg.training
+        out: dict[str, Any] = {}
+        policy = self.eval_policy
+        policy.eval()
+
+        if self.epoch % t.val_every == 0:
+            tic = time.perf_counter()
+            val_losses = []
+            for batch_idx, batch in enumerate(val_loader):
+                if t.max_val_steps is not None and batch_idx >= t.max_val_steps:
+                    break
+                batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
+                val_losses.append(self.model.compute_loss(batch).item())
+            if val_losses:
+                out["val_loss"] = float(np.mean(val_losses))
+            out["time/val_s"] = time.perf_counter() - tic
+
+        if self.epoch % t.rollout_every == 0 or is_last_epoch:
+            tic = time.perf_counter()
+            out.update(env_runner.run(policy))
+            out["time/rollout_s"] = time.perf_counter() - tic
+
+        if self.epoch % t.sample_every == 0:
+            tic = time.perf_counter()
+            batch = dict_apply(sampling_batch, lambda x: x.to(device, non_blocking=True))
+            result = policy.predict_action(self.sampling_obs(batch))
+            out["train_action_mse_error"] = self.action_mse(result, batch).item()
+            out["time/sample_s"] = time.perf_counter() - tic
+        return out
+
+    def save_checkpoints(self, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+        """latest.ckpt, plus a top-k copy when this epoch's ``monitor_key`` makes the top k."""
+        topk_path = self.topk_manager.get_ckpt_path({k.replace("/", "_"): v for k, v in metrics.items()})
+        latest = None
+        if cfg.checkpoint.save_last_ckpt:
+            latest = self.save_checkpoint(tag="latest")
+        if topk_path is not None:
+            if latest is None:
+                self.save_checkpoint(path=topk_path)
+            else:
+                tmp = Path(topk_path).with_name(f".{Path(topk_path).name}.tmp-{os.getpid()}")
+                shutil.copyfile(latest, tmp)
+                os.replace(tmp, topk_path)
+
+    # ================================================================== RNG incl. data order
+    def rng_state(self) -> dict[str, Any]:
+        return super().rng_state() | {"data": self.data_generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        super().set_rng_state(state)
+        if "data" in state:
+            self.data_generator.set_state(state["data"])
+
+    # ================================================================== hooks for the two observation types
+    def check_dataset(self, dataset, cfg: DictConfig) -> None:
+        """Fail early with one line when the data does not look like what the config promises."""
+        if not isinstance(dataset, self.dataset_base):
+            raise ConfigError(
+                f"task.dataset builds {type(dataset).__name__}, but {type(self).__name__} needs a "
+                f"{self.dataset_base.__name__}"
+            )
+        if len(dataset) == 0:
+            raise ConfigError("task.dataset has no training samples; check max_train_episodes / val_ratio")
+
+    def fixed_training_batch(self, dataset, cfg: DictConfig) -> dict[str, Any]:
+        """A fixed, seeded batch of training windows for the action-MSE diagnostic.
+
+        The original reuses the first shuffled batch of the run; a fixed seeded draw is the same kind of
+        sample but
+        survives resume unchanged and does not disturb the training data order.
+        """
+        g = torch.Generator().manual_seed(int(cfg.training.seed))
+        n = min(len(dataset), int(cfg.dataloader.batch_size))
+        idx = torch.randperm(len(dataset), generator=g)[:n].tolist()
+        return torch.utils.data.default_collate([dataset[i] for i in idx])
+
+    def sampling_obs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def action_mse(self, result: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        return F.mse_loss(result["action_pred"], batch["action"])
+
+
+def check_shape(actual: tuple[int, ...], expected: tuple[int, ...], what: str) -> None:
+    if tuple(actual) != tuple(expected):
+        raise ConfigError(
+            f"dataset {what} has shape {list(actual)} per step but the config's shape_meta says "
+            f"{list(expected)}; "
+            "fix shape_meta (task.shape_meta / obs_dim / action_dim) or the dataset"
+        )
