@@ -3,8 +3,7 @@
     python eval.py -c data/outputs/.../checkpoints/latest.ckpt -o data/eval/run1 [-d cpu] [--overwrite]
 
 Writes OUTPUT_DIR/eval_log.json (metrics, and video paths under OUTPUT_DIR/media/). Rollout settings (seeds,
-number
-of episodes, ...) are the checkpoint's own task.env_runner config.
+number of episodes, ...) are the checkpoint's own task.env_runner config.
 """
 
 from __future__ import annotations

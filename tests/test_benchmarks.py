@@ -62,7 +62,7 @@ def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: i
 def smoke(pusht_zarr_path, tmp_path_factory):
     out_file = tmp_path_factory.mktemp("bench") / "smoke.jsonl"
     proc = _script(
-        "run.py", "--smoke", "--device", "cpu", "--out", str(out_file), env=_env(pusht_zarr_path), timeout=180
+        "run.py", "--smoke", "--device", "cpu", "--out", str(out_file), env=_env(pusht_zarr_path), timeout=600
     )
     assert proc.returncode == 0, f"run.py --smoke failed:\n{proc.stderr[-4000:]}"
     return proc, out_file

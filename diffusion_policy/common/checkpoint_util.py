@@ -11,11 +11,9 @@ class TopKCheckpointManager:
     """Decides whether a new checkpoint enters the top k, and deletes the one it displaces.
 
     ``format_str`` is formatted with the metric dict, e.g.
-    ``'epoch={epoch:04d}-test_mean_score={test_mean_score:.3f}.ckpt'``. Unlike the original, a metric dict
-    without
-    ``monitor_key`` (a checkpoint epoch that is not a rollout epoch) is simply not ranked, and the ranking
-    survives
-    resume through ``state_dict()``.
+    ``'epoch={epoch:04d}-test_mean_score={test_mean_score:.3f}.ckpt'``. Unlike the original, a metric
+    dict without ``monitor_key`` (a checkpoint epoch that is not a rollout epoch) is simply not ranked, and
+    the ranking survives resume through ``state_dict()``.
     """
 
     def __init__(

@@ -1,14 +1,11 @@
 """OmegaConf resolvers, registered in one place.
 
 The original registers Python's ``eval`` as a resolver, so any config could run arbitrary code. Its configs
-only
-ever compute small derived values (``${eval:'${n_obs_steps}-1'}``,
-``"${eval: ${task.obs_dim}*${n_obs_steps} if ${obs_as_global_cond} else None}"``), so ``safe_eval`` accepts
-exactly
-that language: numbers, None/True/False, arithmetic, comparisons, and/or/not, conditional expressions and
+only ever compute small derived values (``${eval:'${n_obs_steps}-1'}``, ``"${eval:
+${task.obs_dim}*${n_obs_steps} if ${obs_as_global_cond} else None}"``), so ``safe_eval`` accepts exactly that
+language: numbers, None/True/False, arithmetic, comparisons, and/or/not, conditional expressions and
 parentheses. It is registered as ``eval`` (the original's unresolved configs keep working) and as ``calc``
-(the
-name our own configs use).
+(the name our own configs use).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Data-parallel training with ``torch.distributed``, launched by ``torchrun`` (or ``accelerate launch``).
 
 One process per device. ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without
-them
-everything here degrades to a single process. Backend: nccl for CUDA, gloo otherwise (CPU CI runs 2 gloo
+them everything here degrades to a single process. Backend: nccl for CUDA, gloo otherwise (CPU CI runs 2 gloo
 processes). Ranks read disjoint shards through ``DistributedSampler``, ``DistributedDataParallel`` averages
-the
-gradients, and only rank 0 logs, evaluates and writes checkpoints.
+the gradients, and only rank 0 logs, evaluates and writes checkpoints.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 ``logging.mode`` picks the mode (the ``WANDB_MODE`` environment variable wins, as in wandb itself). ``online``
 without credentials warns and runs offline (sync later with ``wandb sync``). Rollout videos arrive from the
-env
-runners as mp4 paths and are wrapped in ``wandb.Video`` here, so no other module imports wandb.
+env runners as mp4 paths and are wrapped in ``wandb.Video`` here, so no other module imports wandb.
 """
 
 from __future__ import annotations

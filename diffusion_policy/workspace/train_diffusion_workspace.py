@@ -1,20 +1,18 @@
 """The diffusion-policy training recipe, shared by the state (lowdim) and image (hybrid) workspaces.
 
-``run()`` reads top to bottom as the recipe: seed -> data and normalizer -> lr schedule, EMA, top-k -> resume
-->
-env runner and loggers -> per epoch: train, validate, roll out, action MSE on a training batch, log,
-checkpoint.
+``run()`` reads top to bottom as the recipe: seed -> data and normalizer -> lr schedule, EMA, top-k ->
+resume -> env runner and loggers -> per epoch: train, validate, roll out, action MSE on a training batch,
+log, checkpoint.
 
 Which model each step uses (as in the original):
 - training, validation loss: the live model ``self.model`` (validation in train mode, without gradients);
 - rollouts and the action MSE: the EMA copy ``self.ema_model`` when ``training.use_ema`` (else the live
-model).
+  model).
 
 Fixed with respect to the original: resume restores the EMA step, LR schedule, top-k ranking, RNG and data
-order,
-and stops at ``num_epochs`` in total; the last epoch always rolls out and checkpoints; ``latest.ckpt`` is
-written
-atomically; checkpoint epochs without a rollout no longer crash the top-k; per-phase timings are logged.
+order, and stops at ``num_epochs`` in total; the last epoch always rolls out and checkpoints;
+``latest.ckpt`` is written atomically; checkpoint epochs without a rollout no longer crash the top-k;
+per-phase timings are logged.
 """
 
 from __future__ import annotations
@@ -92,8 +90,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         self.epoch = 0
         self.global_step = 0
         self.wandb_run_id: str | None = None
-        # drives the shuffling of the training data; its state is checkpointed so a resumed run sees the same
-        # order
+        # drives the shuffling of the training data; its state is checkpointed so a resumed run sees the
+        # same order
         self.data_generator = torch.Generator().manual_seed(int(cfg.training.seed))
 
     @property
@@ -385,8 +383,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         """A fixed, seeded batch of training windows for the action-MSE diagnostic.
 
         The original reuses the first shuffled batch of the run; a fixed seeded draw is the same kind of
-        sample but
-        survives resume unchanged and does not disturb the training data order.
+        sample but survives resume unchanged and does not disturb the training data order.
         """
         g = torch.Generator().manual_seed(int(cfg.training.seed))
         n = min(len(dataset), int(cfg.dataloader.batch_size))

@@ -1,13 +1,10 @@
 """Learning-rate schedules from diffusers, stepped once per optimizer step.
 
-``get_scheduler("cosine", ...)`` is diffusers' cosine-with-warmup (half a cosine period: lr goes 0 -> lr over
-the
-warmup, then down to 0 at ``num_training_steps``). Two differences from calling ``diffusers.get_scheduler``:
-the schedule functions are called directly, so cosine keeps its own ``num_cycles=0.5`` default
-(``get_scheduler``
-passes ``num_cycles=1``, a full period that climbs back to the peak), and the step is clamped at
-``num_training_steps``, so training past the planned length stays at the final lr instead of the cosine rising
-again (a bug of the original when resumed runs overshoot).
+``get_scheduler("cosine", ...)`` is diffusers' cosine-with-warmup (half a cosine period: lr rises from 0 over
+the warmup, then falls to 0 at ``num_training_steps``), built from diffusers' own schedule functions. The one
+difference from ``diffusers.optimization.get_scheduler``: the step is clamped at ``num_training_steps``, so
+training past the planned length stays at the final lr instead of the cosine rising again (which the
+original's resumed runs did when they overshot).
 """
 
 from __future__ import annotations
