@@ -77,9 +77,8 @@ def evaluate(checkpoint: str, output_dir: str, device: str = "auto", payload: di
     workspace.load_payload(payload, attrs=(policy_attr,), source=str(checkpoint))
     policy = getattr(workspace, policy_attr).to(torch_device).eval()
 
-    Path(output_dir).mkdir(
-        parents=True, exist_ok=True
-    )  # only now: a checkpoint that fails above leaves no trace
+    # created only now: a checkpoint that fails above leaves no trace
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     env_runner = build(cfg.task.env_runner, "task.env_runner", output_dir=output_dir)
     try:
         with torch.no_grad():

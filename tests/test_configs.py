@@ -33,13 +33,14 @@ def test_every_config_file_is_covered():
     assert _group_options("task") == ["pusht_image", "pusht_lowdim"]
     assert _group_options("policy/noise_scheduler") == ["ddim", "ddpm"]
     assert set(_group_options("debug")) == {"fast", "smoke", "smoke_image"}
-    assert _group_options("experiment") == ["quickstart"]
+    assert _group_options("experiment") == ["pusht_lowdim_cpu", "quickstart"]
 
 
 COMBOS = (
     [(LOWDIM, [])]
     + [(LOWDIM, [f"policy/noise_scheduler={o}"]) for o in _group_options("policy/noise_scheduler")]
-    + [(LOWDIM, ["debug=smoke"]), (LOWDIM, ["debug=fast"]), (LOWDIM, ["experiment=quickstart"])]
+    + [(LOWDIM, ["debug=smoke"]), (LOWDIM, ["debug=fast"])]
+    + [(LOWDIM, [f"experiment={o}"]) for o in _group_options("experiment")]
     + [(HYBRID, []), (HYBRID, ["debug=smoke_image"]), (HYBRID, ["policy/noise_scheduler=ddim"])]
 )
 
