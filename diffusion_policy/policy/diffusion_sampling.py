@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -194,6 +194,19 @@ class OnlineQueues:
     def pop_action(self) -> torch.Tensor:
         """-> (B, Da)."""
         return self.actions.popleft()
+
+    def next_action(
+        self, obs: dict[str, torch.Tensor], plan: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    ) -> torch.Tensor:
+        """Record one step's obs {key: (B, *shape)} and return the action to execute now, (B, Da).
+
+        ``plan(stacked_obs)`` maps {key: (B, n_obs_steps, *shape)} to (B, n_action_steps, Da); it is called
+        only when the queued plan has run out.
+        """
+        self.add_observation(obs)
+        if self.needs_plan:
+            self.add_plan(plan(self.stacked_observations()))
+        return self.pop_action()
 
 
 def to_single_step_batch(

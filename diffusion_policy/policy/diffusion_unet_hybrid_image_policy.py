@@ -187,11 +187,9 @@ class DiffusionUnetHybridImagePolicy(BaseImagePolicy):
         n_action_steps calls, when the queue of planned actions runs empty.
         """
         step_obs, batched = to_single_step_batch(obs, self.obs_shapes, self.device, self.dtype)
-        self._queues.add_observation(step_obs)
-        if self._queues.needs_plan:
-            plan = self.predict_action(self._queues.stacked_observations(), generator=generator)
-            self._queues.add_plan(plan["action"])
-        action = self._queues.pop_action()
+        action = self._queues.next_action(
+            step_obs, lambda stacked: self.predict_action(stacked, generator=generator)["action"]
+        )
         return action if batched else action[0]
 
     # ---------------- training ----------------
