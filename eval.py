@@ -50,32 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate(checkpoint: str, output_dir: str, device: str = "auto", payload: dict | None = None) -> dict:
     import torch
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
 
-    from diffusion_policy.common.checkpoint_io import load_checkpoint_file
     from diffusion_policy.common.device_util import resolve_device
+    from diffusion_policy.workspace.base_workspace import load_policy
     from diffusion_policy.workspace.train_diffusion_workspace import build
 
     torch_device = resolve_device(device)
-    if payload is None:
-        payload = load_checkpoint_file(checkpoint)
-    cfg = OmegaConf.create(payload["cfg_yaml"])
-    try:
-        workspace_cls = get_class(cfg._target_)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {checkpoint}: workspace {cfg.get('_target_')!r} not importable ({e})"
-        ) from None
-    try:
-        workspace = workspace_cls(cfg, output_dir=output_dir)
-    except ConfigError as e:
-        raise CheckpointError(
-            f"checkpoint {checkpoint}: its config no longer builds with this code: {e}"
-        ) from None
-    policy_attr = "ema_model" if cfg.training.use_ema else "model"
-    workspace.load_payload(payload, attrs=(policy_attr,), source=str(checkpoint))
-    policy = getattr(workspace, policy_attr).to(torch_device).eval()
+    policy, cfg = load_policy(checkpoint, torch_device, payload=payload)
 
     # created only now: a checkpoint that fails above leaves no trace
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,36 @@ def test_eval_rebuilds_policy_and_runner_from_checkpoint(lowdim_run, tmp_path):
     assert (out / "eval_log.json").read_bytes() == before
 
 
+def test_load_policy_drives_an_env_through_select_action(lowdim_run):
+    import numpy as np
+
+    from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
+    from diffusion_policy.workspace.base_workspace import load_policy
+
+    policy, cfg = load_policy(lowdim_run / "checkpoints" / "latest.ckpt", "cpu")
+    assert not policy.training
+    n_plans = 0
+    predict = policy.predict_action
+
+    def counting_predict(*args, **kwargs):
+        nonlocal n_plans
+        n_plans += 1
+        return predict(*args, **kwargs)
+
+    policy.predict_action = counting_predict
+    env = PushTKeypointsEnv(legacy=True, render_mode=None)
+    obs, _ = env.reset(seed=100000)
+    policy.reset()
+    n_steps = cfg.n_action_steps + 1
+    for _ in range(n_steps):
+        action = policy.select_action(obs[: cfg.obs_dim].astype(np.float32))
+        assert action.shape == (cfg.action_dim,)
+        obs, reward, terminated, truncated, info = env.step(action.numpy().astype(np.float64))
+        assert 0.0 <= reward <= 1.0
+    # one plan per n_action_steps env steps
+    assert n_plans == 2
+
+
 def test_eval_help_does_not_need_input():
     proc = run_cli(["eval.py", "--help"])
     assert_ok(proc)

@@ -144,6 +144,43 @@ class BaseWorkspace:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_policy(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", payload: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, DictConfig]:
+    """The policy a checkpoint holds, in eval mode on ``device``, and the run's resolved config.
+
+    The EMA weights are used when the run trained with ``training.use_ema`` (as rollouts and ``eval.py`` do).
+    The policy is built from the checkpoint's own config, so no other file is needed::
+
+        policy, cfg = load_policy("data/outputs/run/checkpoints/latest.ckpt")
+        policy.reset()
+        action = policy.select_action(obs)  # one env step; replans every n_action_steps calls
+    """
+    from hydra.utils import get_class
+
+    from diffusion_policy.common.errors import ConfigError
+
+    if payload is None:
+        payload = load_checkpoint_file(checkpoint)
+    cfg = OmegaConf.create(payload["cfg_yaml"])
+    try:
+        workspace_cls = get_class(cfg._target_)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: workspace {cfg.get('_target_')!r} not importable ({e})"
+        ) from None
+    try:
+        workspace = workspace_cls(cfg, output_dir=str(Path(checkpoint).parent))
+    except ConfigError as e:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: its config no longer builds with this code: {e}"
+        ) from None
+    policy_attr = "ema_model" if cfg.training.use_ema else "model"
+    workspace.load_payload(payload, attrs=(policy_attr,), source=str(checkpoint))
+    policy = getattr(workspace, policy_attr).to(device).eval()
+    return policy, cfg
+
+
 def _to_cpu(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu")
