@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import numpy as np
 
 from diffusion_policy.env.pusht.pusht_image_env import PushTImageEnv
 from diffusion_policy.env_runner.base_image_runner import BaseImageRunner
 from diffusion_policy.env_runner.pusht_keypoints_runner import check_runner_args
-from diffusion_policy.env_runner.vector_rollout import (
-    VectorRollout,
-    episode_log,
-    next_free_run_index,
-    plan_episodes,
-)
+from diffusion_policy.env_runner.vector_rollout import SeededEpisodeRunner
 from diffusion_policy.gym_util.multistep_wrapper import MultiStepWrapper
 from diffusion_policy.gym_util.video_recorder import VideoRecorder
 from diffusion_policy.gym_util.video_recording_wrapper import VideoRecordingWrapper
@@ -34,7 +28,7 @@ def make_image_episode_env(
     )
 
 
-class PushTImageRunner(BaseImageRunner):
+class PushTImageRunner(SeededEpisodeRunner, BaseImageRunner):
     """Rolls an image policy out on ``n_train`` train seeds and ``n_test`` test seeds.
 
     Policy input per call: ``{"image": float32 (B, To, 3, S, S) in [0, 1], "agent_pos": float32
@@ -73,17 +67,6 @@ class PushTImageRunner(BaseImageRunner):
         self.n_obs_steps = int(n_obs_steps)
         self.n_action_steps = int(n_action_steps)
         self.past_action = bool(past_action)
-        self._plan = functools.partial(
-            plan_episodes,
-            output_dir,
-            n_train,
-            n_train_vis,
-            train_start_seed,
-            n_test,
-            n_test_vis,
-            test_start_seed,
-        )
-        self._run_index = 0
         env_fn = functools.partial(
             make_image_episode_env,
             legacy=bool(legacy_test),
@@ -94,33 +77,20 @@ class PushTImageRunner(BaseImageRunner):
             n_action_steps=self.n_action_steps,
             max_steps=int(max_steps),
         )
-        self.rollout = VectorRollout(
+        self._init_rollout(
+            output_dir,
             env_fn,
-            n_train + n_test,
-            n_envs=n_envs,
-            step_timeout_s=step_timeout_s,
-            tqdm_interval_sec=tqdm_interval_sec,
+            n_train,
+            n_train_vis,
+            train_start_seed,
+            n_test,
+            n_test_vis,
+            test_start_seed,
+            n_envs,
+            step_timeout_s,
+            tqdm_interval_sec,
         )
-        self.n_envs = self.rollout.n_envs
 
     @staticmethod
     def _obs_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"image": obs["image"].astype(np.float32), "agent_pos": obs["agent_pos"].astype(np.float32)}
-
-    def run(self, policy: Any) -> dict[str, Any]:
-        self._run_index = next_free_run_index(self._plan, self._run_index)
-        episodes = self._plan(self._run_index)
-        self._run_index += 1
-        result = self.rollout.run(
-            policy,
-            episodes,
-            obs_to_policy=self._obs_to_policy,
-            past_action=self.past_action,
-            n_obs_steps=self.n_obs_steps,
-            desc=f"Eval PushTImageRunner ({len(episodes)} episodes)",
-        )
-        return episode_log(result, episodes)
-
-    def close(self) -> None:
-        """Stop the worker processes (they are otherwise kept for the next run)."""
-        self.rollout.close()

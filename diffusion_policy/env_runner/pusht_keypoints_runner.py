@@ -9,12 +9,7 @@ import numpy as np
 
 from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
 from diffusion_policy.env_runner.base_lowdim_runner import BaseLowdimRunner
-from diffusion_policy.env_runner.vector_rollout import (
-    VectorRollout,
-    episode_log,
-    next_free_run_index,
-    plan_episodes,
-)
+from diffusion_policy.env_runner.vector_rollout import SeededEpisodeRunner
 from diffusion_policy.gym_util.multistep_wrapper import MultiStepWrapper
 from diffusion_policy.gym_util.video_recorder import VideoRecorder
 from diffusion_policy.gym_util.video_recording_wrapper import VideoRecordingWrapper
@@ -59,7 +54,7 @@ def check_runner_args(**kwargs: Any) -> None:
         raise ValueError("n_train + n_test must be >= 1; there is nothing to evaluate")
 
 
-class PushTKeypointsRunner(BaseLowdimRunner):
+class PushTKeypointsRunner(SeededEpisodeRunner, BaseLowdimRunner):
     """Rolls a low-dim policy out on ``n_train`` train seeds and ``n_test`` test seeds.
 
     Policy input per call: ``{"obs": float32 (B, To, Do), "obs_mask": bool (B, To, Do)}`` with
@@ -108,17 +103,6 @@ class PushTKeypointsRunner(BaseLowdimRunner):
         self.n_latency_steps = int(n_latency_steps)
         self.past_action = bool(past_action)
         self.obs_dim = (9 + (3 if agent_keypoints else 1)) * 2
-        self._plan = functools.partial(
-            plan_episodes,
-            output_dir,
-            n_train,
-            n_train_vis,
-            train_start_seed,
-            n_test,
-            n_test_vis,
-            test_start_seed,
-        )
-        self._run_index = 0
         env_fn = functools.partial(
             make_keypoints_episode_env,
             legacy=bool(legacy_test),
@@ -131,14 +115,19 @@ class PushTKeypointsRunner(BaseLowdimRunner):
             n_action_steps=self.n_action_steps,
             max_steps=int(max_steps),
         )
-        self.rollout = VectorRollout(
+        self._init_rollout(
+            output_dir,
             env_fn,
-            n_train + n_test,
-            n_envs=n_envs,
-            step_timeout_s=step_timeout_s,
-            tqdm_interval_sec=tqdm_interval_sec,
+            n_train,
+            n_train_vis,
+            train_start_seed,
+            n_test,
+            n_test_vis,
+            test_start_seed,
+            n_envs,
+            step_timeout_s,
+            tqdm_interval_sec,
         )
-        self.n_envs = self.rollout.n_envs
 
     def _obs_to_policy(self, obs: np.ndarray) -> dict[str, np.ndarray]:
         obs = obs[:, : self.n_obs_steps]
@@ -149,22 +138,3 @@ class PushTKeypointsRunner(BaseLowdimRunner):
 
     def _action_from_policy(self, action: np.ndarray) -> np.ndarray:
         return action[:, self.n_latency_steps :]
-
-    def run(self, policy: Any) -> dict[str, Any]:
-        self._run_index = next_free_run_index(self._plan, self._run_index)
-        episodes = self._plan(self._run_index)
-        self._run_index += 1
-        result = self.rollout.run(
-            policy,
-            episodes,
-            obs_to_policy=self._obs_to_policy,
-            action_from_policy=self._action_from_policy,
-            past_action=self.past_action,
-            n_obs_steps=self.n_obs_steps,
-            desc=f"Eval PushTKeypointsRunner ({len(episodes)} episodes)",
-        )
-        return episode_log(result, episodes)
-
-    def close(self) -> None:
-        """Stop the worker processes (they are otherwise kept for the next run)."""
-        self.rollout.close()

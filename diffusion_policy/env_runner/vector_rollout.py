@@ -13,6 +13,7 @@ only on its input batch.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -392,3 +393,76 @@ def next_free_run_index(episodes_fn: Callable[[int], list[Episode]], start: int)
     while any(ep.video_path is not None and os.path.exists(ep.video_path) for ep in episodes_fn(k)):
         k += 1
     return k
+
+
+class SeededEpisodeRunner:
+    """What the PushT runners share: their seeded episode plan, the worker pool and ``run``/``close``.
+
+    A runner calls ``_init_rollout`` from its constructor and defines ``_obs_to_policy`` (and, if the
+    policy's action chunk needs trimming, ``_action_from_policy``); it also sets ``n_obs_steps`` and
+    ``past_action``.
+    """
+
+    n_obs_steps: int
+    past_action: bool
+
+    def _init_rollout(
+        self,
+        output_dir: str,
+        episode_env_fn: Callable[[], gym.Env],
+        n_train: int,
+        n_train_vis: int,
+        train_start_seed: int,
+        n_test: int,
+        n_test_vis: int,
+        test_start_seed: int,
+        n_envs: int | None,
+        step_timeout_s: float,
+        tqdm_interval_sec: float,
+    ) -> None:
+        self._plan = functools.partial(
+            plan_episodes,
+            output_dir,
+            n_train,
+            n_train_vis,
+            train_start_seed,
+            n_test,
+            n_test_vis,
+            test_start_seed,
+        )
+        self._run_index = 0
+        self.rollout = VectorRollout(
+            episode_env_fn,
+            n_train + n_test,
+            n_envs=n_envs,
+            step_timeout_s=step_timeout_s,
+            tqdm_interval_sec=tqdm_interval_sec,
+        )
+        self.n_envs = self.rollout.n_envs
+
+    def _obs_to_policy(self, obs: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _action_from_policy(self, action: np.ndarray) -> np.ndarray:
+        return action
+
+    def run(self, policy: Any) -> dict[str, Any]:
+        """Roll ``policy`` out on every planned episode; returns the flat metric/video-path dict."""
+        # videos of earlier runs (also of an earlier process) are never overwritten
+        self._run_index = next_free_run_index(self._plan, self._run_index)
+        episodes = self._plan(self._run_index)
+        self._run_index += 1
+        result = self.rollout.run(
+            policy,
+            episodes,
+            obs_to_policy=self._obs_to_policy,
+            action_from_policy=self._action_from_policy,
+            past_action=self.past_action,
+            n_obs_steps=self.n_obs_steps,
+            desc=f"Eval {type(self).__name__} ({len(episodes)} episodes)",
+        )
+        return episode_log(result, episodes)
+
+    def close(self) -> None:
+        """Stop the worker processes (they are otherwise kept for the next run)."""
+        self.rollout.close()
