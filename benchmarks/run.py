@@ -343,13 +343,23 @@ def n_params(module: torch.nn.Module) -> int:
 # benchmarks
 
 
+def optimizer_step(model: Any, optimizer: Any, batch: dict, device: torch.device) -> torch.Tensor:
+    """Batch to the device, ``compute_loss``, backward and one optimizer step; returns the loss."""
+    from diffusion_policy.common.pytorch_util import dict_apply
+
+    batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
+    loss = model.compute_loss(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
     """Optimizer steps/s of the shipped recipe: data loading, forward, backward, AdamW, LR schedule, EMA."""
     from diffusers.optimization import get_scheduler
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
-
-    from diffusion_policy.common.pytorch_util import dict_apply
 
     plan, device = recipes.plan, recipes.device
     overrides = []
@@ -396,11 +406,7 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
         t0 = time.perf_counter()
         batch = next(it)
         data_wait += time.perf_counter() - t0
-        batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
-        loss = model.compute_loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = optimizer_step(model, optimizer, batch, device)
         lr_scheduler.step()
         if ema is not None:
             ema.step(model)

@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
 from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
+from diffusion_policy.policy.diffusion_sampling import sampler_label, use_sampler
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
 from diffusion_policy.policy.diffusion_unet_lowdim_policy import DiffusionUnetLowdimPolicy
 
@@ -258,6 +259,35 @@ def test_ddpm_and_ddim_swap_by_passing_a_scheduler(lowdim_data):
     torch.testing.assert_close(again, results["ddim-8"])
     assert not torch.allclose(results["ddim-8-eta"], results["ddim-8"])
     assert not torch.allclose(results["ddpm-10"], results["ddim-8"])
+
+
+def test_use_sampler_swaps_a_built_policy_in_place(lowdim_data):
+    dataset, normalizer = lowdim_data
+    torch.manual_seed(0)
+    policy = lowdim_policy("global", scheduler=ddim(), num_inference_steps=8, eta=1.0)
+    policy.set_normalizer(normalizer)
+    policy.eval()
+    obs = {"obs": real_batch(dataset, [10, 20])["obs"][:, :TO]}
+    reference = lowdim_policy("global", scheduler=ddpm(), num_inference_steps=None)
+    reference.load_state_dict(policy.state_dict())
+    reference.eval()
+    calls = count_model_calls(policy)
+
+    # DDIM -> DDPM: every training timestep, same trained schedule, DDIM's eta dropped
+    assert use_sampler(policy, "ddpm") == "DDPMScheduler-100"
+    assert policy.kwargs == {} and policy.noise_scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    swapped = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    assert len(calls) == 100
+    expected = reference.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    torch.testing.assert_close(swapped, expected)
+    # only the step count; then back to DDIM
+    assert use_sampler(policy, None, 10) == "DDPMScheduler-10"
+    assert use_sampler(policy, "ddim", 16) == "DDIMScheduler-16"
+    with pytest.raises(ValueError, match=r"num_inference_steps=500 must be in \[1, num_train_timesteps=100"):
+        use_sampler(policy, "ddim", 500)
+    with pytest.raises(ValueError, match="sampler='euler' is not one of"):
+        use_sampler(policy, "euler")
+    assert sampler_label(policy) == "DDIMScheduler-16", "a refused swap leaves the policy as it was"
 
 
 # ---------------- online interface ----------------

@@ -151,6 +151,69 @@ def test_load_policy_drives_an_env_through_select_action(lowdim_run):
     assert n_plans == 2
 
 
+def test_eval_with_another_sampler(lowdim_run, tmp_path):
+    ckpt = str(lowdim_run / "checkpoints" / "latest.ckpt")
+    trained_with = load_checkpoint_file(ckpt)["cfg_yaml"]
+    assert "DDPMScheduler" in trained_with
+    out = tmp_path / "ddim"
+    assert_ok(
+        run_cli(
+            [
+                "eval.py",
+                "-c",
+                ckpt,
+                "-o",
+                str(out),
+                "-d",
+                "cpu",
+                "--sampler",
+                "ddim",
+                "--inference-steps",
+                "2",
+            ]
+        )
+    )
+    log = json.loads((out / "eval_log.json").read_text())
+    assert log["eval/sampler"] == "DDIMScheduler-2" and 0.0 <= log["test/mean_score"] <= 1.0
+    bad = tmp_path / "bad"
+    proc = run_cli(["eval.py", "-c", ckpt, "-o", str(bad), "--inference-steps", "1000"])
+    assert_one_line_error(proc, "--inference-steps", "num_inference_steps=1000")
+    assert not bad.exists(), "a refused evaluation leaves no output directory"
+
+
+def test_speedups_benchmark_compares_eval_and_loader_variants(lowdim_run):
+    """benchmarks/speedups.py on a real checkpoint: every variant runs and counts what it sampled."""
+    proc = run_cli(
+        [
+            "benchmarks/speedups.py",
+            str(lowdim_run / "checkpoints" / "latest.ckpt"),
+            "--device",
+            "cpu",
+            "--loader-steps",
+            "4",
+        ]
+    )
+    assert_ok(proc)
+    rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    evals = ["shipped", "keep_finished", "per_episode", "ddpm100"]
+    assert list(rows) == [f"eval.{v}.wall_time" for v in evals] + [
+        f"loader.workers{w}.optimizer_steps_per_s" for w in (0, 1)
+    ]
+    assert all(r["value"] > 0 and r["hardware"] for r in rows.values())
+    ev = {v: rows[f"eval.{v}.wall_time"]["config"] for v in evals}
+    n_episodes = ev["shipped"]["episodes"]
+    # the original's way samples every episode at every call, finished or not
+    assert ev["keep_finished"]["sampled_rows"] == ev["keep_finished"]["policy_calls"] * n_episodes
+    assert ev["shipped"]["sampled_rows"] <= ev["shipped"]["policy_calls"] * n_episodes
+    assert ev["per_episode"]["policy_calls"] == ev["per_episode"]["sampled_rows"] >= n_episodes
+    assert ev["ddpm100"]["sampler"] == "DDPMScheduler-100" and ev["shipped"]["speedup"] == 1.0
+    loader = rows["loader.workers1.optimizer_steps_per_s"]["config"]
+    assert loader["num_workers"] == 1 and loader["steps"] == 4 and loader["epochs_started"] >= 1
+    # bad input: one clear line, no traceback
+    proc = run_cli(["benchmarks/speedups.py", str(lowdim_run / "missing.ckpt")])
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_eval_help_does_not_need_input():
     proc = run_cli(["eval.py", "--help"])
     assert_ok(proc)

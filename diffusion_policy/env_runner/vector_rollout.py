@@ -216,6 +216,10 @@ class VectorRollout:
                 )
         return self._vec
 
+    def start(self) -> None:
+        """Start the worker processes now instead of at the first ``run`` (e.g. to time runs alone)."""
+        self._ensure_vec()
+
     def close(self, terminate: bool = False) -> None:
         vec, self._vec = self._vec, None
         if vec is None:
@@ -462,6 +466,10 @@ class SeededEpisodeRunner:
             desc=f"Eval {type(self).__name__} ({len(episodes)} episodes)",
         )
         return episode_log(result, episodes)
+
+    def start(self) -> None:
+        """Start the worker processes now (otherwise the first ``run`` starts them)."""
+        self.rollout.start()
 
     def close(self) -> None:
         """Stop the worker processes (they are otherwise kept for the next run)."""

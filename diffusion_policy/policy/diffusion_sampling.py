@@ -52,6 +52,43 @@ def check_scheduler(
     return int(num_inference_steps)
 
 
+def use_sampler(policy: nn.Module, sampler: str | None = None, num_inference_steps: int | None = None) -> str:
+    """Make a built policy sample with DDPM or DDIM over the noise schedule it was trained with.
+
+    Weights are untouched: both samplers walk the same trained schedule, so a DDPM-trained checkpoint can be
+    evaluated with DDIM and vice versa. ``sampler``: ``"ddpm"``, ``"ddim"`` or None (keep the class, change
+    the step count). ``num_inference_steps`` None: every training timestep for DDPM, the current count for
+    DDIM. Step arguments the new scheduler does not take (DDIM's ``eta`` under DDPM) are dropped.
+    Returns a label such as ``"DDPMScheduler-100"``.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+    current = policy.noise_scheduler
+    if sampler is None:
+        cls = type(current)
+    elif sampler in classes:
+        cls = classes[sampler]
+    else:
+        raise ValueError(f"sampler={sampler!r} is not one of {list(classes)}")
+    if cls is not type(current):
+        accepted = inspect.signature(cls.__init__).parameters
+        current = cls(**{k: v for k, v in current.config.items() if k in accepted})
+    if num_inference_steps is None:
+        keep = sampler is None or cls is DDIMScheduler
+        num_inference_steps = policy.num_inference_steps if keep else current.config.num_train_timesteps
+    step_params = inspect.signature(current.step).parameters
+    kwargs = {k: v for k, v in getattr(policy, "kwargs", {}).items() if k in step_params}
+    steps = check_scheduler(current, int(num_inference_steps), kwargs)
+    policy.noise_scheduler, policy.num_inference_steps, policy.kwargs = current, steps, kwargs
+    return sampler_label(policy)
+
+
+def sampler_label(policy: nn.Module) -> str:
+    """``"<scheduler class>-<inference steps>"``, e.g. ``"DDIMScheduler-8"``."""
+    return f"{type(policy.noise_scheduler).__name__}-{policy.num_inference_steps}"
+
+
 def check_action_window(horizon: int, n_obs_steps: int, n_action_steps: int, start: int) -> None:
     """The executed actions ``[start, start + n_action_steps)`` must lie inside the predicted horizon."""
     if n_obs_steps < 1 or n_action_steps < 1:
