@@ -115,6 +115,7 @@ def make_plan(mode: str) -> Plan:
             latency_skip={
                 ("state", "ddpm100", 56): too_slow,
                 ("state", "ddim16", 56): too_slow,
+                ("image", "ddpm100", 1): too_slow,
                 ("image", "ddpm100", 56): too_slow,
                 ("image", "ddim10", 56): too_slow,
                 ("image", "ddim16", 56): too_slow,
