@@ -1,5 +1,6 @@
-"""Pieces shared by the UNet diffusion policies: construction checks, the denoising loop, the training
-loss and the observation/action queues of the online ``select_action`` interface."""
+"""Pieces shared by every diffusion policy (UNet and transformer, state and image): construction checks,
+the denoising loop, the training loss and the observation/action queues of the online ``select_action``
+interface."""
 
 from __future__ import annotations
 
@@ -111,6 +112,11 @@ def check_sequence_length(model: nn.Module, length: int, what: str) -> None:
         )
 
 
+def model_conditions(**conditions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The denoiser's keyword conditions, without the ones that are None (each network takes its own)."""
+    return {k: v for k, v in conditions.items() if v is not None}
+
+
 def conditional_sample(
     model: nn.Module,
     noise_scheduler: Any,
@@ -120,13 +126,17 @@ def conditional_sample(
     local_cond: torch.Tensor | None = None,
     global_cond: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    cond: torch.Tensor | None = None,
     **step_kwargs,
 ) -> torch.Tensor:
     """Denoise from Gaussian noise to a trajectory shaped like ``condition_data`` (B, T, D).
 
     Where ``condition_mask`` (bool, (B, T, D)) is True the trajectory is held at ``condition_data``
     (inpainting); pass None when nothing is known. ``generator`` makes the noise reproducible.
+    The denoiser is called as ``model(trajectory, t, **conditions)`` with the conditions that are given:
+    ``local_cond`` / ``global_cond`` for the UNet, ``cond`` (B, To, Dc) tokens for the transformer.
     """
+    conditions = model_conditions(local_cond=local_cond, global_cond=global_cond, cond=cond)
     device = condition_data.device
     trajectory = randn_tensor(
         condition_data.shape, generator=generator, device=device, dtype=condition_data.dtype
@@ -139,7 +149,7 @@ def conditional_sample(
     for i, t in enumerate(timesteps.tolist()):
         if condition_mask is not None:
             trajectory = torch.where(condition_mask, condition_data, trajectory)
-        model_output = model(trajectory, model_timesteps[i], local_cond=local_cond, global_cond=global_cond)
+        model_output = model(trajectory, model_timesteps[i], **conditions)
         trajectory = noise_scheduler.step(
             model_output, t, trajectory, generator=generator, **step_kwargs
         ).prev_sample
@@ -155,11 +165,13 @@ def diffusion_loss(
     condition_mask: torch.Tensor | None = None,
     local_cond: torch.Tensor | None = None,
     global_cond: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoising loss for a clean normalized trajectory (B, T, D) -> scalar.
 
     MSE against the noise (``epsilon``) or the clean trajectory (``sample``), over the entries not fixed by
-    ``condition_mask``. Masked entries count as zeros in the mean, as in the original.
+    ``condition_mask``. Masked entries count as zeros in the mean, as in the original. The conditions are
+    passed to the denoiser as in :func:`conditional_sample`.
     """
     batch = trajectory.shape[0]
     noise = torch.randn_like(trajectory)
@@ -169,7 +181,8 @@ def diffusion_loss(
     noisy = noise_scheduler.add_noise(trajectory, noise, timesteps)
     if condition_mask is not None:
         noisy = torch.where(condition_mask, trajectory, noisy)
-    pred = model(noisy, timesteps, local_cond=local_cond, global_cond=global_cond)
+    conditions = model_conditions(local_cond=local_cond, global_cond=global_cond, cond=cond)
+    pred = model(noisy, timesteps, **conditions)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -184,6 +197,34 @@ def diffusion_loss(
         loss = loss * (~condition_mask).to(loss.dtype)
     # every sample has the same number of entries, so the mean of per-sample means is the plain mean
     return loss.mean()
+
+
+def encode_observations(
+    obs_encoder: nn.Module,
+    normalizer: Any,
+    obs_shapes: Mapping[str, tuple[int, ...]],
+    obs: Mapping[str, torch.Tensor],
+    n_steps: int,
+) -> torch.Tensor:
+    """Raw image/low-dim obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, F).
+
+    The first ``n_steps`` frames of every key are normalized with ``normalizer[key]`` and all B * n_steps
+    frames go through ``obs_encoder`` ({key: (N, *shape)} -> (N, F)) as one batch.
+    """
+    flat = {}
+    for key, shape in obs_shapes.items():
+        if key not in obs:
+            raise KeyError(f"observation '{key}' from shape_meta is missing (got keys {sorted(obs)})")
+        value = obs[key]
+        if value.ndim != len(shape) + 2 or value.shape[1] < n_steps or tuple(value.shape[2:]) != shape:
+            raise ValueError(
+                f"observation '{key}' has shape {tuple(value.shape)}; "
+                f"expected (B, >={n_steps}, *{list(shape)})"
+            )
+        value = normalizer[key].normalize(value[:, :n_steps])
+        flat[key] = value.reshape(-1, *shape)
+    batch = next(iter(obs.values())).shape[0]
+    return obs_encoder(flat).reshape(batch, n_steps, -1)
 
 
 class OnlineQueues:

@@ -20,6 +20,7 @@ from diffusion_policy.policy.diffusion_sampling import (
     check_sequence_length,
     conditional_sample,
     diffusion_loss,
+    encode_observations,
     to_single_step_batch,
 )
 
@@ -117,24 +118,8 @@ class DiffusionUnetHybridImagePolicy(BaseImagePolicy):
             raise RuntimeError(f"{type(self).__name__} normalizer lacks {missing}; {NORMALIZER_HINT}")
 
     def _encode(self, obs: Mapping[str, torch.Tensor], n_steps: int) -> torch.Tensor:
-        """Raw obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, obs_feature_dim).
-
-        All B * n_steps frames go through the encoder as one batch.
-        """
-        flat = {}
-        for key, shape in self.obs_shapes.items():
-            if key not in obs:
-                raise KeyError(f"observation '{key}' from shape_meta is missing (got keys {sorted(obs)})")
-            value = obs[key]
-            if value.ndim != len(shape) + 2 or value.shape[1] < n_steps or tuple(value.shape[2:]) != shape:
-                raise ValueError(
-                    f"observation '{key}' has shape {tuple(value.shape)}; "
-                    f"expected (B, >={n_steps}, *{list(shape)})"
-                )
-            value = self.normalizer[key].normalize(value[:, :n_steps])
-            flat[key] = value.reshape(-1, *shape)
-        batch = next(iter(obs.values())).shape[0]
-        return self.obs_encoder(flat).reshape(batch, n_steps, -1)
+        """Raw obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, obs_feature_dim)."""
+        return encode_observations(self.obs_encoder, self.normalizer, self.obs_shapes, obs, n_steps)
 
     # ---------------- inference ----------------
     @torch.no_grad()

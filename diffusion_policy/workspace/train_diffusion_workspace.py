@@ -82,7 +82,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         seed_everything(cfg.training.seed)
         self.model = build(cfg.policy, "policy")
         self.ema_model = copy.deepcopy(self.model) if cfg.training.use_ema else None
-        self.optimizer = build(cfg.optimizer, "optimizer", params=self.model.parameters())
+        self.optimizer = self.build_optimizer(cfg)
         # built in run(), where the data (and so the schedule length) is known
         self.lr_scheduler = None
         self.ema = None
@@ -93,6 +93,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         # drives the shuffling of the training data; its state is checkpointed so a resumed run sees the
         # same order
         self.data_generator = torch.Generator().manual_seed(int(cfg.training.seed))
+
+    def build_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
+        """``cfg.optimizer`` instantiated over all policy parameters (the UNet recipes).
+
+        The transformer workspaces override this: their policies build AdamW with weight-decay groups.
+        """
+        return build(cfg.optimizer, "optimizer", params=self.model.parameters())
 
     @property
     def eval_policy(self):
