@@ -50,6 +50,8 @@ SEED = 42
 
 STATE_RECIPE = "train_diffusion_unet_lowdim_workspace"
 IMAGE_RECIPE = "train_diffusion_unet_hybrid_workspace"
+STATE_DPT_RECIPE = "train_diffusion_transformer_lowdim_pusht_workspace"
+IMAGE_DPT_RECIPE = "train_diffusion_transformer_hybrid_workspace"
 
 # (label, scheduler class, num_inference_steps). DDPM-100 is the paper's sampler; DDIM-10/16 are the
 # fast samplers of the paper's real-robot setup.
@@ -65,6 +67,25 @@ TINY_IMAGE = [
     "policy.diffusion_step_embed_dim=16",
     "policy.crop_shape=[48,48]",
 ]
+TINY_DPT_STATE = ["policy.model.n_layer=1", "policy.model.n_head=2", "policy.model.n_emb=16"]
+TINY_DPT_IMAGE = ["policy.n_layer=1", "policy.n_head=2", "policy.n_emb=16", "policy.crop_shape=[48,48]"]
+
+
+@dataclass(frozen=True)
+class RecipeKind:
+    """One benchmarked recipe: its config, whether it reads images, and its smoke-mode shrink."""
+
+    config_name: str
+    obs: str  # "state" or "image"
+    tiny: tuple[str, ...]
+
+
+KINDS = {
+    "state": RecipeKind(STATE_RECIPE, "state", tuple(TINY_STATE)),
+    "image": RecipeKind(IMAGE_RECIPE, "image", tuple(TINY_IMAGE)),
+    "state_dpt": RecipeKind(STATE_DPT_RECIPE, "state", tuple(TINY_DPT_STATE)),
+    "image_dpt": RecipeKind(IMAGE_DPT_RECIPE, "image", tuple(TINY_DPT_IMAGE)),
+}
 
 
 @dataclass
@@ -87,6 +108,10 @@ class Plan:
     env_max_steps: int | None = None
     tiny: bool = False
     image_subset_episodes: int | None = None  # smoke: a small copy of the first episodes
+    deploy_repeats: int = 20  # timed predict_action calls per backend in bench_deploy (DDIM)
+    deploy_ddpm_repeats: int = 5  # ... with DDPM-100
+    # (deploy model, sampler label, batch) combinations left out in this mode, with the reason
+    deploy_skip: dict[tuple[str, str, int], str] = field(default_factory=dict)
 
 
 def make_plan(mode: str) -> Plan:
@@ -119,10 +144,23 @@ def make_plan(mode: str) -> Plan:
                 ("image", "ddpm100", 56): too_slow,
                 ("image", "ddim10", 56): too_slow,
                 ("image", "ddim16", 56): too_slow,
+                ("state_dpt", "ddpm100", 56): too_slow,
+                ("state_dpt", "ddim16", 56): too_slow,
+                ("image_dpt", "ddpm100", 1): too_slow,
+                ("image_dpt", "ddpm100", 56): too_slow,
+                ("image_dpt", "ddim16", 56): too_slow,
             },
             eval_runner_overrides=["task.env_runner.n_train=1", "task.env_runner.n_test=2"],
             eval_sampler="ddim10",
             env_episodes=10,
+            deploy_repeats=5,
+            deploy_ddpm_repeats=2,
+            deploy_skip={
+                ("state", "ddpm100", 56): too_slow,
+                ("image", "ddpm100", 1): too_slow,
+                ("image", "ddpm100", 56): too_slow,
+                ("image", "ddim10", 56): too_slow,
+            },
         )
     if mode == "smoke":
         return Plan(
@@ -144,6 +182,8 @@ def make_plan(mode: str) -> Plan:
             env_max_steps=20,
             tiny=True,
             image_subset_episodes=2,
+            deploy_repeats=1,
+            deploy_ddpm_repeats=1,
         )
     raise ValueError(f"unknown mode {mode!r}: use full, quick or smoke")
 
@@ -283,17 +323,15 @@ class Recipes:
     def compose(self, kind: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
         from hydra import compose, initialize_config_dir
 
-        if not (CONFIG_DIR / f"{STATE_RECIPE}.yaml").exists():
-            raise SystemExit(f"recipe configs not found under {CONFIG_DIR}")
-        if kind == "state":
-            name = STATE_RECIPE
+        recipe = KINDS[kind]
+        name = recipe.config_name
+        if not (CONFIG_DIR / f"{name}.yaml").exists():
+            raise SystemExit(f"recipe config {name}.yaml not found under {CONFIG_DIR}")
+        if recipe.obs == "state":
             base = [f"task.dataset.zarr_path={self.zarr_path}"]
-            tiny = TINY_STATE
         else:
-            name = IMAGE_RECIPE
             base = ["task=pusht_image", f"task.dataset.zarr_path={self._image_zarr_path()}"]
-            tiny = TINY_IMAGE
-        all_overrides = base + (tiny if self.plan.tiny else []) + list(overrides)
+        all_overrides = base + (list(recipe.tiny) if self.plan.tiny else []) + list(overrides)
         register_resolvers()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return compose(config_name=name, overrides=all_overrides)
@@ -362,6 +400,8 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
+    from diffusion_policy.workspace.train_diffusion_workspace import build_policy_optimizer
+
     plan, device = recipes.plan, recipes.device
     overrides = []
     if plan.train_batch_size is not None:
@@ -376,7 +416,10 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
     ema_model = copy.deepcopy(model)
     model.to(device)
     ema_model.to(device)
-    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    if "_target_" in cfg.optimizer:
+        optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    else:  # the transformer recipes: the policy's AdamW with weight-decay groups
+        optimizer = build_policy_optimizer(model, cfg.optimizer)
     lr_scheduler = get_scheduler(
         cfg.training.lr_scheduler,
         optimizer=optimizer,
@@ -418,7 +461,7 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
     elapsed = time.perf_counter() - t_start
     steps_per_s = plan.train_steps / elapsed
     config = {
-        "recipe": STATE_RECIPE if kind == "state" else IMAGE_RECIPE,
+        "recipe": KINDS[kind].config_name,
         "mode": plan.mode,
         "device": str(device),
         "batch_size": batch_size,
@@ -444,7 +487,7 @@ def latency_obs(kind: str, dataset: Any, batch: int, n_obs_steps: int, device: t
     rng = np.random.default_rng(SEED)
     idx = rng.choice(len(dataset), size=batch, replace=len(dataset) < batch)
     items = [dataset[int(i)] for i in idx]
-    if kind == "state":
+    if KINDS[kind].obs == "state":
         obs = torch.stack([item["obs"][:n_obs_steps] for item in items])
         return {"obs": obs.to(device)}
     keys = items[0]["obs"].keys()
@@ -472,7 +515,7 @@ def bench_latency(kind: str, recipes: Recipes, rec: Recorder) -> None:
         for label, _, steps in SAMPLERS:
             name = f"latency_{kind}.{label}.b{batch}"
             config = {
-                "recipe": STATE_RECIPE if kind == "state" else IMAGE_RECIPE,
+                "recipe": KINDS[kind].config_name,
                 "mode": plan.mode,
                 "device": str(device),
                 "sampler": label,
@@ -511,6 +554,144 @@ def bench_latency(kind: str, recipes: Recipes, rec: Recorder) -> None:
             rec.emit(f"{name}.p50", percentile_ms(times, 50), "ms", config)
             rec.emit(f"{name}.p95", percentile_ms(times, 95), "ms", config)
     del policy
+
+
+# (model label, recipe kind, extra overrides): the paper's state UNet, the CPU recipe's small UNet and the
+# paper's hybrid image UNet (ResNet-18 encoder + UNet)
+DEPLOY_MODELS = (
+    ("state", "state", ()),
+    ("state_cpu", "state", ("experiment=pusht_lowdim_cpu",)),
+    ("image", "image", ()),
+)
+DEPLOY_SAMPLERS = (("ddim10", "ddim", 10), ("ddpm100", "ddpm", 100))
+DEPLOY_BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+def deploy_call(
+    backend: str, policy, runtimes: dict, obs: dict, np_obs: dict, noise: np.ndarray
+) -> np.ndarray:
+    """One predict_action of the torch policy or an exported runtime, from the same initial noise."""
+    if backend == "torch":
+        # the torch loop draws its initial trajectory with torch.randn from this generator: `noise` again
+        generator = torch.Generator().manual_seed(SEED)
+        return policy.predict_action(obs, generator=generator)["action"].numpy()
+    return runtimes[backend].predict_action(np_obs, noise=noise)["action"]
+
+
+def denoiser_call_ms(torch_denoiser, runtimes: dict, batch: int, repeats: int) -> dict[str, float]:
+    """Median time of one bare denoiser call per backend (zeros in; the cost does not depend on values)."""
+    runtime = runtimes["onnxruntime"]
+    F = runtime.manifest["feature_dim"]
+    To = runtime.n_obs_steps
+    cond_shape = (batch, To * F) if runtime.conditioning == "global_cond" else (batch, To, F)
+    x = np.zeros((batch, runtime.trajectory_length, runtime.action_dim), np.float32)
+    t = np.full((batch,), 10, np.int64)
+    c = np.zeros(cond_shape, np.float32)
+    tx, tt, tc = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c)
+    calls = {
+        "torch": lambda: torch_denoiser(tx, tt, tc),
+        **{b: (lambda r=r: r.denoiser(x, t, c)) for b, r in runtimes.items()},
+    }
+    out = {}
+    with torch.inference_mode():
+        for backend, call in calls.items():
+            call()
+            times = []
+            for _ in range(max(repeats, 3)):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            out[backend] = percentile_ms(times, 50)
+    return out
+
+
+def bench_deploy(recipes: Recipes, rec: Recorder) -> None:
+    """``predict_action`` latency of the same policy in torch eager and exported (export.py's graphs run by
+    the torch-free runtime under onnxruntime and OpenVINO), per sampler and batch size, all backends at the
+    process's thread count (``--threads``), measured one after another in this run. Also records each
+    backend's speedup over torch and its largest action difference from torch for DDIM-10 from the same
+    initial noise."""
+    from omegaconf import OmegaConf
+
+    from diffusion_policy.deploy import load_exported_policy
+    from diffusion_policy.deploy.exporter import DenoiserGraph, export_policy
+
+    plan = recipes.plan
+    threads = torch.get_num_threads()
+    for model, kind, overrides in DEPLOY_MODELS:
+        cfg = recipes.compose(kind, list(overrides))
+        policy = recipes.policy(kind, cfg).to("cpu")
+        dataset = recipes.dataset(kind, cfg)
+        export_dir = recipes.workdir / f"export_{model}"
+        t0 = time.perf_counter()
+        export_policy(policy, OmegaConf.to_yaml(cfg), export_dir)
+        log(f"deploy_{model}: exported in {time.perf_counter() - t0:.1f}s")
+        runtimes = {b: load_exported_policy(export_dir, b, threads=threads) for b in DEPLOY_BACKENDS[1:]}
+        for batch in LATENCY_BATCHES:
+            obs = latency_obs(kind, dataset, batch, int(cfg.n_obs_steps), torch.device("cpu"))
+            np_obs = {k: v.numpy() for k, v in obs.items()}
+            denoiser_ms = denoiser_call_ms(
+                DenoiserGraph(policy.model, runtimes["onnxruntime"].conditioning),
+                runtimes,
+                batch,
+                plan.deploy_repeats,
+            )
+            for label, group, steps in DEPLOY_SAMPLERS:
+                skip = plan.deploy_skip.get((model, label, batch))
+                if skip:
+                    log(f"deploy_{model}.{label}.b{batch}: skipped ({skip})")
+                    for backend in DEPLOY_BACKENDS:
+                        name = f"deploy_{model}.{label}.b{batch}.{backend}"
+                        config = {"mode": plan.mode, "backend": backend, "batch_size": batch, "skipped": skip}
+                        rec.emit(f"{name}.p50", None, "ms", config)
+                        if backend != "torch":
+                            rec.emit(f"{name}.speedup", None, "x", config)
+                    continue
+                recipes.set_sampler(kind, policy, label)
+                for runtime in runtimes.values():
+                    runtime.set_sampler(group, steps, eta=0.0)
+                shape = (batch, runtimes["onnxruntime"].trajectory_length, policy.action_dim)
+                noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
+                noise_np = noise.numpy()
+
+                args = (policy, runtimes, obs, np_obs, noise_np)
+                repeats = plan.deploy_ddpm_repeats if group == "ddpm" else plan.deploy_repeats
+                p50 = {}
+                actions = {}
+                for backend in DEPLOY_BACKENDS:
+                    times = []
+                    with torch.inference_mode():
+                        # untimed first call: allocations, kernel choice, OpenVINO's compile per batch size
+                        actions[backend] = deploy_call(backend, *args)
+                        for _ in range(repeats):
+                            t0 = time.perf_counter()
+                            deploy_call(backend, *args)
+                            times.append(time.perf_counter() - t0)
+                    p50[backend] = percentile_ms(times, 50)
+                    name = f"deploy_{model}.{label}.b{batch}.{backend}"
+                    config = {
+                        "recipe": KINDS[kind].config_name,
+                        "overrides": list(overrides),
+                        "mode": plan.mode,
+                        "device": "cpu",
+                        "backend": backend,
+                        "sampler": label,
+                        "num_inference_steps": steps,
+                        "batch_size": batch,
+                        "threads": threads,
+                        "params": n_params(policy),
+                        "repeats": repeats,
+                        "tiny_networks": plan.tiny,
+                        # one denoiser call at this batch size: x steps, the floor of predict_action
+                        "denoiser_call_ms": denoiser_ms[backend],
+                    }
+                    if backend != "torch" and group == "ddim":
+                        diff = float(np.abs(actions[backend] - actions["torch"]).max())
+                        config["max_abs_action_diff_vs_torch"] = diff
+                    log(f"{name}: p50 {p50[backend]:.2f} ms over {repeats} calls")
+                    rec.emit(f"{name}.p50", p50[backend], "ms", config)
+                    if backend != "torch":
+                        rec.emit(f"{name}.speedup", p50["torch"] / p50[backend], "x", config)
 
 
 def bench_eval(recipes: Recipes, rec: Recorder) -> None:
@@ -670,7 +851,12 @@ BENCHMARKS: dict[str, Callable[[Recipes, Recorder], None]] = {
     "train_image": lambda r, rec: bench_train("image", r, rec),
     "latency_state": lambda r, rec: bench_latency("state", r, rec),
     "latency_image": lambda r, rec: bench_latency("image", r, rec),
+    "train_state_dpt": lambda r, rec: bench_train("state_dpt", r, rec),
+    "train_image_dpt": lambda r, rec: bench_train("image_dpt", r, rec),
+    "latency_state_dpt": lambda r, rec: bench_latency("state_dpt", r, rec),
+    "latency_image_dpt": lambda r, rec: bench_latency("image_dpt", r, rec),
     "eval_protocol": bench_eval,
+    "deploy": bench_deploy,
 }
 
 

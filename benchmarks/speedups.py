@@ -157,7 +157,8 @@ def bench_loader(policy: Any, cfg: Any, device: torch.device, rec: Recorder, ste
         if workers == 0:
             kwargs.pop("prefetch_factor", None)
         seed_everything()
-        model = copy.deepcopy(policy).train()
+        # load_policy hands out frozen inference weights; this copy is trained
+        model = copy.deepcopy(policy).train().requires_grad_(True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         loader = DataLoader(dataset, **kwargs)
         n_epochs_started = data_wait = 0

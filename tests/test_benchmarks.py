@@ -20,21 +20,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
 
 SAMPLERS = ("ddpm100", "ddim10", "ddim16")
+KINDS = ("state", "image", "state_dpt", "image_dpt")
 EXPECTED = (
-    [
-        f"train_{k}.{m}"
-        for k in ("state", "image")
-        for m in ("optimizer_steps_per_s", "samples_per_s", "data_wait_share")
-    ]
-    + [
-        f"latency_{k}.{s}.b{b}.{q}"
-        for k in ("state", "image")
-        for s in SAMPLERS
-        for b in (1, 56)
-        for q in ("p50", "p95")
-    ]
+    [f"train_{k}.{m}" for k in KINDS for m in ("optimizer_steps_per_s", "samples_per_s", "data_wait_share")]
+    + [f"latency_{k}.{s}.b{b}.{q}" for k in KINDS for s in SAMPLERS for b in (1, 56) for q in ("p50", "p95")]
     + ["eval_protocol.wall_time", "eval_protocol.policy_time_share"]
     + [f"env_steps.{v}" for v in ("state", "keypoints", "image", "state_render")]
+    + [
+        f"deploy_{m}.{s}.b{b}.{row}"
+        for m in ("state", "state_cpu", "image")
+        for s in ("ddim10", "ddpm100")
+        for b in (1, 56)
+        for row in (
+            "torch.p50",
+            *(f"{be}.{q}" for be in ("onnxruntime", "openvino") for q in ("p50", "speedup")),
+        )
+    ]
 )
 UNITS = {"optimizer_steps_per_s": "steps/s", "samples_per_s": "samples/s", "data_wait_share": "fraction"}
 
@@ -83,7 +84,7 @@ def test_smoke_prints_one_valid_row_per_benchmark(smoke):
         assert isinstance(r["config"], dict) and r["config"].get("mode") == "smoke", r
         assert "torch" in r["hardware"] and ("CPU" in r["hardware"] or "cuda" in r["hardware"].lower()), r
     by_name = {r["name"]: r for r in rows}
-    for kind in ("state", "image"):
+    for kind in KINDS:
         for metric, unit in UNITS.items():
             assert by_name[f"train_{kind}.{metric}"]["unit"] == unit
         assert 0.0 <= by_name[f"train_{kind}.data_wait_share"]["value"] <= 1.0
@@ -97,6 +98,8 @@ def test_smoke_prints_one_valid_row_per_benchmark(smoke):
                 assert p50["value"] <= by_name[f"latency_{kind}.{s}.b{b}.p95"]["value"]
     assert by_name["latency_state.ddim10.b1.p50"]["config"]["num_inference_steps"] == 10
     assert by_name["latency_state.ddpm100.b1.p50"]["config"]["num_inference_steps"] == 100
+    assert "transformer" in by_name["latency_state_dpt.ddim10.b1.p50"]["config"]["recipe"]
+    assert "transformer" in by_name["train_image_dpt.optimizer_steps_per_s"]["config"]["recipe"]
     ev = by_name["eval_protocol.wall_time"]
     assert ev["unit"] == "s" and ev["config"]["policy_calls"] >= 1
     assert 0.0 <= by_name["eval_protocol.policy_time_share"]["value"] <= 1.0

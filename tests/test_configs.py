@@ -14,6 +14,15 @@ from diffusion_policy.common.config_resolvers import register_resolvers
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 LOWDIM = "train_diffusion_unet_lowdim_workspace"
 HYBRID = "train_diffusion_unet_hybrid_workspace"
+IMAGE = "train_diffusion_unet_image_workspace"
+DPT_STATE = "train_diffusion_transformer_lowdim_pusht_workspace"
+DPT_IMAGE = "train_diffusion_transformer_hybrid_workspace"
+# experiment option -> the recipe it belongs to
+EXPERIMENTS = {
+    "pusht_lowdim_cpu": LOWDIM,
+    "quickstart": LOWDIM,
+    "pusht_lowdim_transformer_cpu": DPT_STATE,
+}
 
 register_resolvers()
 
@@ -27,21 +36,36 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+# every primary config on disk (files starting with "_" are shared blocks, not runnable on their own)
+PRIMARY = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
 def test_every_config_file_is_covered():
-    primary = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))
-    assert primary == [HYBRID, LOWDIM]
+    # new recipes join COMBOS automatically through PRIMARY; these must never go missing
+    assert sorted([DPT_IMAGE, DPT_STATE, HYBRID, IMAGE, LOWDIM]) == PRIMARY
+    assert {name for name, _ in COMBOS} == set(PRIMARY)
     assert _group_options("task") == ["pusht_image", "pusht_lowdim"]
     assert _group_options("policy/noise_scheduler") == ["ddim", "ddpm"]
-    assert set(_group_options("debug")) == {"fast", "smoke", "smoke_image"}
-    assert _group_options("experiment") == ["pusht_lowdim_cpu", "quickstart"]
+    assert _group_options("debug") == [
+        "fast",
+        "smoke",
+        "smoke_image",
+        "smoke_transformer",
+        "smoke_transformer_image",
+    ]
+    assert _group_options("optimizer") == ["adamw", "transformer_hybrid", "transformer_lowdim"]
+    assert _group_options("experiment") == sorted(EXPERIMENTS)
 
 
 COMBOS = (
-    [(LOWDIM, [])]
+    [(name, []) for name in PRIMARY]
     + [(LOWDIM, [f"policy/noise_scheduler={o}"]) for o in _group_options("policy/noise_scheduler")]
     + [(LOWDIM, ["debug=smoke"]), (LOWDIM, ["debug=fast"])]
-    + [(LOWDIM, [f"experiment={o}"]) for o in _group_options("experiment")]
-    + [(HYBRID, []), (HYBRID, ["debug=smoke_image"]), (HYBRID, ["policy/noise_scheduler=ddim"])]
+    + [(name, [f"experiment={o}"]) for o, name in EXPERIMENTS.items()]
+    + [(HYBRID, ["debug=smoke_image"]), (HYBRID, ["policy/noise_scheduler=ddim"])]
+    + [(IMAGE, ["debug=smoke_image"]), (IMAGE, ["policy/noise_scheduler=ddim"])]
+    + [(DPT_STATE, ["debug=smoke_transformer"]), (DPT_STATE, ["policy/noise_scheduler=ddim"])]
+    + [(DPT_IMAGE, ["debug=smoke_transformer_image"]), (DPT_IMAGE, ["policy/noise_scheduler=ddim"])]
 )
 
 
@@ -122,6 +146,35 @@ def test_hybrid_defaults_are_the_published_pusht_image_recipe():
     assert c["task"]["dataset"]["n_obs_steps"] == 2
 
 
+def test_image_defaults_are_the_original_pure_torch_recipe():
+    c = OmegaConf.to_container(_compose(IMAGE), resolve=True)
+    p = c["policy"]
+    assert c["name"] == "train_diffusion_unet_image" and c["task"]["name"] == "pusht_image"
+    assert p["_target_"].endswith("DiffusionUnetImagePolicy")
+    enc = p["obs_encoder"]
+    assert enc["_target_"].endswith("multi_image_obs_encoder.MultiImageObsEncoder")
+    assert enc["shape_meta"] == c["shape_meta"]
+    assert enc["rgb_model"] == {
+        "_target_": "diffusion_policy.model.vision.model_getter.get_resnet",
+        "name": "resnet18",
+        "weights": None,
+    }
+    assert (enc["resize_shape"], enc["crop_shape"], enc["random_crop"]) == (None, [76, 76], True)
+    assert (enc["use_group_norm"], enc["share_rgb_model"], enc["imagenet_norm"]) == (True, False, True)
+    assert (p["diffusion_step_embed_dim"], p["down_dims"], p["kernel_size"], p["n_groups"]) == (
+        128,
+        [512, 1024, 2048],
+        5,
+        8,
+    )
+    assert p["cond_predict_scale"] and p["obs_as_global_cond"]
+    assert (p["horizon"], p["n_obs_steps"], p["n_action_steps"], p["num_inference_steps"]) == (16, 2, 8, 100)
+    assert (c["dataloader"]["batch_size"], c["dataloader"]["num_workers"]) == (64, 4)
+    assert (c["val_dataloader"]["batch_size"], c["val_dataloader"]["num_workers"]) == (64, 4)
+    assert c["training"]["num_epochs"] == 8000
+    assert c["optimizer"]["_target_"] == "torch.optim.AdamW" and c["optimizer"]["lr"] == 1.0e-4
+
+
 def test_ddim_swaps_only_the_sampler():
     base = OmegaConf.to_container(_compose(LOWDIM), resolve=True)
     ddim = OmegaConf.to_container(_compose(LOWDIM, ["policy/noise_scheduler=ddim"]), resolve=True)
@@ -154,3 +207,57 @@ def test_instantiate_hybrid_smoke_policy(tmp_path):
     runner = instantiate(cfg.task.env_runner, output_dir=str(tmp_path))
     if hasattr(runner, "close"):
         runner.close()
+
+
+def test_transformer_defaults_are_the_paper_recipes():
+    c = OmegaConf.to_container(_compose(DPT_STATE), resolve=True)
+    m = c["policy"]["model"]
+    assert (m["input_dim"], m["output_dim"], m["cond_dim"], m["horizon"], m["n_obs_steps"]) == (
+        2,
+        2,
+        20,
+        16,
+        2,
+    )
+    assert (m["n_layer"], m["n_head"], m["n_emb"], m["p_drop_emb"], m["p_drop_attn"]) == (
+        8,
+        4,
+        256,
+        0.0,
+        0.01,
+    )
+    assert m["causal_attn"] and m["time_as_cond"] and m["obs_as_cond"] and m["n_cond_layers"] == 0
+    assert c["optimizer"] == {"learning_rate": 1.0e-4, "weight_decay": 1.0e-1, "betas": [0.9, 0.95]}
+    t = c["training"]
+    assert (t["lr_warmup_steps"], t["num_epochs"], c["dataloader"]["batch_size"]) == (1000, 8000, 256)
+    assert c["policy"]["num_inference_steps"] == 100 and c["policy"]["n_action_steps"] == 8
+
+    c = OmegaConf.to_container(_compose(DPT_IMAGE), resolve=True)
+    p = c["policy"]
+    assert c["task"]["name"] == "pusht_image" and c["horizon"] == 10 and p["horizon"] == 10
+    assert c["task"]["dataset"]["horizon"] == 10 and c["task"]["dataset"]["pad_after"] == 7
+    assert (p["crop_shape"], p["obs_encoder_group_norm"], p["eval_fixed_crop"]) == ([76, 76], True, True)
+    assert (p["n_layer"], p["n_head"], p["n_emb"], p["p_drop_attn"], p["n_cond_layers"]) == (
+        8,
+        4,
+        256,
+        0.3,
+        0,
+    )
+    assert c["optimizer"] == {
+        "transformer_weight_decay": 1.0e-3,
+        "obs_encoder_weight_decay": 1.0e-6,
+        "learning_rate": 1.0e-4,
+        "betas": [0.9, 0.95],
+    }
+    assert (c["training"]["lr_warmup_steps"], c["training"]["num_epochs"]) == (1000, 3050)
+    assert (c["dataloader"]["batch_size"], c["dataloader"]["num_workers"]) == (64, 8)
+
+
+def test_transformer_cpu_recipe_keeps_the_paper_network_family():
+    c = OmegaConf.to_container(_compose(DPT_STATE, ["experiment=pusht_lowdim_transformer_cpu"]), resolve=True)
+    m = c["policy"]["model"]
+    assert (m["n_layer"], m["n_emb"], m["n_head"], m["p_drop_attn"]) == (4, 128, 4, 0.01)
+    assert c["policy"]["noise_scheduler"]["_target_"].endswith("DDIMScheduler")
+    assert c["task"]["dataset"]["max_train_episodes"] is None
+    assert c["optimizer"]["weight_decay"] == 0.1 and "_target_" not in c["optimizer"]

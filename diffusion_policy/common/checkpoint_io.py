@@ -8,7 +8,8 @@ A checkpoint is a ``torch.save``d dict that holds only tensors and plain Python 
      "state": {"epoch": int, "global_step": int, "rng": {...}, "wandb_run_id": str | None, ...}}
 
 so it loads with ``torch.load(weights_only=True)``: a crafted pickle cannot run code, and the original's dill
-checkpoints (which are pickles of OmegaConf objects) are refused with a message instead of executed.
+checkpoints (which are pickles of OmegaConf objects) are refused with a message instead of executed;
+``convert_checkpoint.py`` (``diffusion_policy.common.legacy_checkpoint``) reads those safely and converts.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} refused: it holds pickled Python objects that a safe load will not run "
-            f"({first[:160]}). Original dill checkpoints are not supported; retrain or convert them"
+            f"({first[:160]}). A checkpoint written by the original code (dill) can be converted safely: "
+            "python convert_checkpoint.py ORIGINAL.ckpt OUT.ckpt"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         raise CheckpointError(

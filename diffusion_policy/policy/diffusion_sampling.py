@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -90,6 +90,16 @@ def sampler_label(policy: nn.Module) -> str:
     return f"{type(policy.noise_scheduler).__name__}-{policy.num_inference_steps}"
 
 
+def action_dim_from_shape_meta(shape_meta: Mapping) -> int:
+    """``shape_meta["action"]["shape"]`` -> Da, with a one-line error when it is missing or not 1-D."""
+    if "action" not in shape_meta or "shape" not in shape_meta["action"]:
+        raise ValueError("shape_meta has no action shape; add e.g. action: {shape: [2]}")
+    shape = list(shape_meta["action"]["shape"])
+    if len(shape) != 1:
+        raise ValueError(f"shape_meta action shape {shape} must be 1-D, e.g. [2]")
+    return int(shape[0])
+
+
 def check_action_window(horizon: int, n_obs_steps: int, n_action_steps: int, start: int) -> None:
     """The executed actions ``[start, start + n_action_steps)`` must lie inside the predicted horizon."""
     if n_obs_steps < 1 or n_action_steps < 1:
@@ -156,6 +166,53 @@ def conditional_sample(
     if condition_mask is not None:
         trajectory = torch.where(condition_mask, condition_data, trajectory)
     return trajectory
+
+
+def sample_action_chunk(
+    policy: nn.Module,
+    condition_data: torch.Tensor,
+    condition_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **conditions: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A policy's denoising pass and its action window, shared by every policy class.
+
+    Samples with ``policy.model`` / ``noise_scheduler`` / ``num_inference_steps`` / ``kwargs`` (see
+    :func:`conditional_sample`), unnormalizes the first ``policy.action_dim`` channels and cuts the executed
+    window ``[action_start, action_start + n_action_steps)`` (the whole prediction when the policy has
+    ``pred_action_steps_only``). Returns (normalized sample (B, L, D), {"action": (B, Ta, Da),
+    "action_pred": (B, L, Da)}).
+    """
+    nsample = conditional_sample(
+        policy.model,
+        policy.noise_scheduler,
+        policy.num_inference_steps,
+        condition_data,
+        condition_mask,
+        generator=generator,
+        **conditions,
+        **policy.kwargs,
+    )
+    action_pred = policy.normalizer["action"].unnormalize(nsample[..., : policy.action_dim])
+    if getattr(policy, "pred_action_steps_only", False):
+        action = action_pred
+    else:
+        action = action_pred[:, policy.action_start : policy.action_start + policy.n_action_steps]
+    return nsample, {"action": action, "action_pred": action_pred}
+
+
+def inpainting_mask_generator(action_dim: int, obs_dim: int, n_obs_steps: int, inpaint: bool):
+    """The original's mask generator: with ``inpaint`` the obs channels of the first To steps are known;
+    without (observations as conditions) nothing is."""
+    from diffusion_policy.model.diffusion.mask_generator import LowdimMaskGenerator
+
+    return LowdimMaskGenerator(
+        action_dim=action_dim,
+        obs_dim=obs_dim if inpaint else 0,
+        max_n_obs_steps=n_obs_steps,
+        fix_obs_steps=True,
+        action_visible=False,
+    )
 
 
 def diffusion_loss(
@@ -285,6 +342,43 @@ class OnlineQueues:
         if self.needs_plan:
             self.add_plan(plan(self.stacked_observations()))
         return self.pop_action()
+
+
+def inpainting_condition(
+    known: torch.Tensor, horizon: int, action_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condition for inpainting [action, obs]: known (B, To, Do) normalized obs/features ->
+    (condition_data, condition_mask), both (B, horizon, action_dim + Do), the obs part of the first To
+    steps known and held fixed during sampling."""
+    batch, n_known, obs_dim = known.shape
+    data = torch.zeros(batch, horizon, action_dim + obs_dim, device=known.device, dtype=known.dtype)
+    data[:, :n_known, action_dim:] = known
+    mask = torch.zeros_like(data, dtype=torch.bool)
+    mask[:, :n_known, action_dim:] = True
+    return data, mask
+
+
+def check_normalizer(policy: nn.Module, keys: Iterable[str]) -> None:
+    """Fail with one line when the policy's normalizer lacks a field it needs."""
+    missing = [k for k in keys if k not in policy.normalizer]
+    if missing:
+        raise RuntimeError(f"{type(policy).__name__} normalizer lacks {missing}; {NORMALIZER_HINT}")
+
+
+def online_action(
+    policy: nn.Module,
+    queues: OnlineQueues,
+    obs: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One ``select_action`` step of any policy: obs[key] (*shape) or (B, *shape) -> action (Da,) or (B, Da),
+    replanning with ``policy.predict_action`` when the queue is empty."""
+    step_obs, batched = to_single_step_batch(obs, shapes, policy.device, policy.dtype)
+    action = queues.next_action(
+        step_obs, lambda stacked: policy.predict_action(stacked, generator=generator)["action"]
+    )
+    return action if batched else action[0]
 
 
 def to_single_step_batch(

@@ -8,17 +8,18 @@ import torch
 
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
-from diffusion_policy.model.diffusion.mask_generator import LowdimMaskGenerator
 from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
 from diffusion_policy.policy.diffusion_sampling import (
-    NORMALIZER_HINT,
     OnlineQueues,
     check_action_window,
+    check_normalizer,
     check_scheduler,
     check_sequence_length,
-    conditional_sample,
     diffusion_loss,
-    to_single_step_batch,
+    inpainting_condition,
+    inpainting_mask_generator,
+    online_action,
+    sample_action_chunk,
 )
 
 
@@ -70,12 +71,8 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
 
         self.model = model
         self.noise_scheduler = noise_scheduler
-        self.mask_generator = LowdimMaskGenerator(
-            action_dim=action_dim,
-            obs_dim=0 if (obs_as_local_cond or obs_as_global_cond) else obs_dim,
-            max_n_obs_steps=n_obs_steps,
-            fix_obs_steps=True,
-            action_visible=False,
+        self.mask_generator = inpainting_mask_generator(
+            action_dim, obs_dim, n_obs_steps, inpaint=not (obs_as_local_cond or obs_as_global_cond)
         )
         self.normalizer = LinearNormalizer()
         self.horizon = horizon
@@ -113,8 +110,7 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
         return not (self.obs_as_local_cond or self.obs_as_global_cond)
 
     def _check_normalizer(self) -> None:
-        if "action" not in self.normalizer or "obs" not in self.normalizer:
-            raise RuntimeError(f"{type(self).__name__} has no fitted normalizer; {NORMALIZER_HINT}")
+        check_normalizer(self, ("action", "obs"))
 
     # ---------------- inference ----------------
     @torch.no_grad()
@@ -145,28 +141,11 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
             length = self.n_action_steps if self.pred_action_steps_only else T
             condition_data = torch.zeros(B, length, Da, device=device, dtype=dtype)
         else:
-            condition_data = torch.zeros(B, T, Da + Do, device=device, dtype=dtype)
-            condition_data[:, :To, Da:] = nobs
-            condition_mask = torch.zeros_like(condition_data, dtype=torch.bool)
-            condition_mask[:, :To, Da:] = True
+            condition_data, condition_mask = inpainting_condition(nobs, T, Da)
 
-        nsample = conditional_sample(
-            self.model,
-            self.noise_scheduler,
-            self.num_inference_steps,
-            condition_data,
-            condition_mask,
-            local_cond=local_cond,
-            global_cond=global_cond,
-            generator=generator,
-            **self.kwargs,
+        nsample, result = sample_action_chunk(
+            self, condition_data, condition_mask, generator, local_cond=local_cond, global_cond=global_cond
         )
-        action_pred = self.normalizer["action"].unnormalize(nsample[..., :Da])
-        if self.pred_action_steps_only:
-            action = action_pred
-        else:
-            action = action_pred[:, self.action_start : self.action_start + self.n_action_steps]
-        result = {"action": action, "action_pred": action_pred}
         if self._inpainting():
             obs_pred = self.normalizer["obs"].unnormalize(nsample[..., Da:])
             result["obs_pred"] = obs_pred
@@ -188,11 +167,7 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
         """
         if not isinstance(obs, dict):
             obs = {"obs": obs}
-        step_obs, batched = to_single_step_batch(obs, {"obs": (self.obs_dim,)}, self.device, self.dtype)
-        action = self._queues.next_action(
-            step_obs, lambda stacked: self.predict_action(stacked, generator=generator)["action"]
-        )
-        return action if batched else action[0]
+        return online_action(self, self._queues, obs, {"obs": (self.obs_dim,)}, generator)
 
     # ---------------- training ----------------
     def set_normalizer(self, normalizer: LinearNormalizer) -> None:

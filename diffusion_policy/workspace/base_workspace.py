@@ -177,7 +177,9 @@ def load_policy(
         ) from None
     policy_attr = "ema_model" if cfg.training.use_ema else "model"
     workspace.load_payload(payload, attrs=(policy_attr,), source=str(checkpoint))
-    policy = getattr(workspace, policy_attr).to(device).eval()
+    # frozen like the EMA copy rollouts use in training: inference needs no autograd state, and frozen
+    # weights let torch pick the same attention kernels as there
+    policy = getattr(workspace, policy_attr).to(device).eval().requires_grad_(False)
     return policy, cfg
 
 

@@ -64,6 +64,21 @@ def build(node: DictConfig, what: str, **kwargs) -> Any:
         raise ConfigError(f"{what}: {msg}") from e
 
 
+def build_policy_optimizer(policy: torch.nn.Module, node: DictConfig) -> torch.optim.Optimizer:
+    """``policy.get_optimizer(**node)``, as the original's transformer workspaces build their optimizer
+    (AdamW with the policy's own weight-decay groups); bad keys or values become a one-line ConfigError."""
+    if "_target_" in node:
+        raise ConfigError(
+            f"optimizer has _target_={node._target_!r}, but {type(policy).__name__} builds its own optimizer "
+            "from get_optimizer(...) arguments (learning_rate, weight_decay, betas, ...); remove _target_"
+        )
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    try:
+        return policy.get_optimizer(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer {kwargs}: {type(policy).__name__}.get_optimizer failed: {e}") from None
+
+
 class TrainDiffusionWorkspace(BaseWorkspace):
     state_attrs: ClassVar[tuple[str, ...]] = (
         "model",

@@ -63,6 +63,7 @@ class CropRandomizer(nn.Module):
             batch = torch.arange(n, device=x.device)[:, None, None]
             # advanced indices around a slice put the indexed dims first: (N, ch, cw, C)
             return x[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
-        top = int(round((height - ch) / 2.0))
-        left = int(round((width - cw) / 2.0))
+        # int(): under ONNX tracing the sizes are tensors; the crop offsets are constants of the graph
+        top = int(round((int(height) - ch) / 2.0))
+        left = int(round((int(width) - cw) / 2.0))
         return x[:, :, top : top + ch, left : left + cw]

@@ -21,22 +21,11 @@ import torchvision
 from torch import nn
 
 from diffusion_policy.model.vision.crop_randomizer import CropRandomizer
+from diffusion_policy.model.vision.group_norm import replace_batchnorm_with_groupnorm
 from diffusion_policy.model.vision.spatial_softmax import SpatialSoftmax
 
 OBS_TYPES = ("rgb", "low_dim")
-
-
-def replace_batchnorm_with_groupnorm(module: nn.Module) -> nn.Module:
-    """Swap every BatchNorm2d(C) for GroupNorm(C // 16, C), in place; returns ``module``.
-
-    EMA averaging does not track BatchNorm running statistics, so EMA-trained encoders use GroupNorm.
-    """
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, nn.GroupNorm(child.num_features // 16, child.num_features))
-        else:
-            replace_batchnorm_with_groupnorm(child)
-    return module
+# replace_batchnorm_with_groupnorm (now in group_norm.py) stays importable from this module
 
 
 class ResNet18Conv(nn.Module):
