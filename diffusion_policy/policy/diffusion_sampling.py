@@ -284,6 +284,46 @@ def encode_observations(
     return obs_encoder(flat).reshape(batch, n_steps, -1)
 
 
+class ImageObsPolicyMixin:
+    """What every image-observation policy does the same way around its denoiser.
+
+    The host class sets ``obs_encoder``, ``normalizer``, ``obs_shapes`` (from shape_meta), ``n_obs_steps``,
+    ``_queues`` (:class:`OnlineQueues`) and implements ``predict_action``.
+    """
+
+    def _check_normalizer(self) -> None:
+        check_normalizer(self, ("action", *self.obs_shapes))
+
+    def _encode(self, obs: Mapping[str, torch.Tensor], n_steps: int) -> torch.Tensor:
+        """Raw obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, F)."""
+        return encode_observations(self.obs_encoder, self.normalizer, self.obs_shapes, obs, n_steps)
+
+    def _encode_for_prediction(self, obs_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """predict_action's input {key: (B, >=To, *shape)} -> features of its first To frames (B, To, F)."""
+        self._check_normalizer()
+        if "past_action" in obs_dict:
+            raise ValueError(f"obs_dict['past_action'] is not supported by {type(self).__name__}")
+        return self._encode(obs_dict, self.n_obs_steps)
+
+    def reset(self) -> None:
+        """Start a new episode for :meth:`select_action` (clears observation and action queues)."""
+        self._queues.reset()
+
+    @torch.no_grad()
+    def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """One control step: obs[key] (*shape) or (B, *shape), as the PushT image env returns ->
+        action (Da,) or (B, Da).
+
+        Keeps the last n_obs_steps observations (the first one repeated after reset()) and replans every
+        n_action_steps calls, when the queue of planned actions runs empty.
+        """
+        return online_action(self, self._queues, obs, self.obs_shapes, generator)
+
+    def set_normalizer(self, normalizer: Any) -> None:
+        """Copy the dataset's fitted normalizer (action and every obs key) into the policy."""
+        self.normalizer.load_state_dict(normalizer.state_dict())
+
+
 class OnlineQueues:
     """Observation history and pending actions for ``select_action``.
 

@@ -13,21 +13,19 @@ from diffusion_policy.model.diffusion.transformer_for_diffusion import Transform
 from diffusion_policy.model.vision.robomimic_style_obs_encoder import RobomimicStyleObsEncoder
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.diffusion_sampling import (
+    ImageObsPolicyMixin,
     OnlineQueues,
     action_dim_from_shape_meta,
     check_action_window,
-    check_normalizer,
     check_scheduler,
     diffusion_loss,
-    encode_observations,
     inpainting_condition,
     inpainting_mask_generator,
-    online_action,
     sample_action_chunk,
 )
 
 
-class DiffusionTransformerHybridImagePolicy(BaseImagePolicy):
+class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
     """Encodes each of the last ``n_obs_steps`` observation frames (``shape_meta["obs"]``: rgb and low_dim
     keys; 66 features per frame for PushT) and denoises a ``horizon`` of actions with a
     ``TransformerForDiffusion`` built here.
@@ -116,10 +114,6 @@ class DiffusionTransformerHybridImagePolicy(BaseImagePolicy):
         self.kwargs = kwargs
         self._queues = OnlineQueues(n_obs_steps)
 
-    def _encode(self, obs: Mapping[str, torch.Tensor], n_steps: int) -> torch.Tensor:
-        """Raw obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, obs_feature_dim)."""
-        return encode_observations(self.obs_encoder, self.normalizer, self.obs_shapes, obs, n_steps)
-
     # ---------------- inference ----------------
     @torch.no_grad()
     def predict_action(
@@ -127,13 +121,8 @@ class DiffusionTransformerHybridImagePolicy(BaseImagePolicy):
     ) -> dict[str, torch.Tensor]:
         """obs_dict[key]: (B, >=To, *shape) raw (images float in [0, 1]) ->
         {"action": (B, n_action_steps, Da), "action_pred": (B, horizon, Da)} raw."""
-        check_normalizer(self, ("action", *self.obs_shapes))
-        if "past_action" in obs_dict:
-            raise ValueError(
-                "obs_dict['past_action'] is not supported by DiffusionTransformerHybridImagePolicy"
-            )
-        To, Da, T = self.n_obs_steps, self.action_dim, self.horizon
-        features = self._encode(obs_dict, To)
+        Da, T = self.action_dim, self.horizon
+        features = self._encode_for_prediction(obs_dict)
         B = features.shape[0]
         cond = condition_mask = None
         if self.obs_as_cond:
@@ -144,21 +133,7 @@ class DiffusionTransformerHybridImagePolicy(BaseImagePolicy):
             condition_data, condition_mask = inpainting_condition(features, T, Da)
         return sample_action_chunk(self, condition_data, condition_mask, generator, cond=cond)[1]
 
-    def reset(self) -> None:
-        """Start a new episode for :meth:`select_action` (clears observation and action queues)."""
-        self._queues.reset()
-
-    @torch.no_grad()
-    def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """One control step: obs[key] (*shape) or (B, *shape), as the PushT image env returns ->
-        action (Da,) or (B, Da). Replans every n_action_steps calls."""
-        return online_action(self, self._queues, obs, self.obs_shapes, generator)
-
     # ---------------- training ----------------
-    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        """Copy the dataset's fitted normalizer (action and every obs key) into the policy."""
-        self.normalizer.load_state_dict(normalizer.state_dict())
-
     def get_optimizer(
         self,
         transformer_weight_decay: float,
@@ -178,7 +153,7 @@ class DiffusionTransformerHybridImagePolicy(BaseImagePolicy):
 
         With ``obs_as_cond`` only the first n_obs_steps frames are normalized and encoded.
         """
-        check_normalizer(self, ("action", *self.obs_shapes))
+        self._check_normalizer()
         nactions = self.normalizer["action"].normalize(batch["action"])
         T = nactions.shape[1]
         cond = condition_mask = None

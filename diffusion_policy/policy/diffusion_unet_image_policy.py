@@ -15,19 +15,18 @@ from torch import nn
 
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
+from diffusion_policy.model.vision.obs_shape_meta import parse_obs_meta
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.diffusion_sampling import (
+    ImageObsPolicyMixin,
     OnlineQueues,
     action_dim_from_shape_meta,
     check_action_window,
-    check_normalizer,
     check_scheduler,
     check_sequence_length,
     diffusion_loss,
-    encode_observations,
     inpainting_condition,
     inpainting_mask_generator,
-    online_action,
     sample_action_chunk,
 )
 
@@ -37,12 +36,7 @@ def shape_meta_obs_shapes(shape_meta: Mapping) -> dict[str, tuple[int, ...]]:
     obs = shape_meta.get("obs") if isinstance(shape_meta, Mapping) else None
     if not obs:
         raise ValueError("shape_meta has no 'obs' entry; list the observation keys with shape and type")
-    shapes = {}
-    for key, attr in obs.items():
-        if not isinstance(attr, Mapping) or "shape" not in attr:
-            raise ValueError(f"shape_meta['obs']['{key}'] has no 'shape'; add e.g. shape: [2]")
-        shapes[key] = tuple(int(s) for s in attr["shape"])
-    return shapes
+    return {key: shape for key, (shape, _) in parse_obs_meta(obs).items()}
 
 
 shape_meta_action_dim = action_dim_from_shape_meta
@@ -62,7 +56,7 @@ def encoder_feature_dim(obs_encoder: nn.Module) -> int:
     return int(shape[0])
 
 
-class DiffusionUnetImagePolicy(BaseImagePolicy):
+class DiffusionUnetImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
     """Encodes the last ``n_obs_steps`` observation frames (keys of ``shape_meta["obs"]``) with
     ``obs_encoder`` and denoises a ``horizon`` of actions with a ConditionalUnet1D built here.
 
@@ -130,13 +124,6 @@ class DiffusionUnetImagePolicy(BaseImagePolicy):
         self.kwargs = kwargs
         self._queues = OnlineQueues(n_obs_steps)
 
-    def _check_normalizer(self) -> None:
-        check_normalizer(self, ("action", *self.obs_shapes))
-
-    def _encode(self, obs: Mapping[str, torch.Tensor], n_steps: int) -> torch.Tensor:
-        """Raw obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, obs_feature_dim)."""
-        return encode_observations(self.obs_encoder, self.normalizer, self.obs_shapes, obs, n_steps)
-
     # ---------------- inference ----------------
     @torch.no_grad()
     def predict_action(
@@ -144,11 +131,8 @@ class DiffusionUnetImagePolicy(BaseImagePolicy):
     ) -> dict[str, torch.Tensor]:
         """obs_dict[key]: (B, >=To, *shape) raw (images float in [0, 1]) ->
         {"action": (B, n_action_steps, Da), "action_pred": (B, horizon, Da)} raw."""
-        self._check_normalizer()
-        if "past_action" in obs_dict:
-            raise ValueError(f"obs_dict['past_action'] is not supported by {type(self).__name__}")
-        To, Da, T = self.n_obs_steps, self.action_dim, self.horizon
-        features = self._encode(obs_dict, To)
+        Da, T = self.action_dim, self.horizon
+        features = self._encode_for_prediction(obs_dict)
         B = features.shape[0]
         device, dtype = self.device, self.dtype
         global_cond = condition_mask = None
@@ -162,25 +146,7 @@ class DiffusionUnetImagePolicy(BaseImagePolicy):
             1
         ]
 
-    def reset(self) -> None:
-        """Start a new episode for :meth:`select_action` (clears observation and action queues)."""
-        self._queues.reset()
-
-    @torch.no_grad()
-    def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """One control step: obs[key] (*shape) or (B, *shape), as the PushT image env returns ->
-        action (Da,) or (B, Da).
-
-        Keeps the last n_obs_steps observations (the first one repeated after reset()) and replans every
-        n_action_steps calls, when the queue of planned actions runs empty.
-        """
-        return online_action(self, self._queues, obs, self.obs_shapes, generator)
-
     # ---------------- training ----------------
-    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        """Copy the dataset's fitted normalizer (action and every obs key) into the policy."""
-        self.normalizer.load_state_dict(normalizer.state_dict())
-
     def compute_loss(self, batch: dict) -> torch.Tensor:
         """batch: {"obs": {key: (B, T, *shape)}, "action": (B, T, Da)} raw -> scalar denoising loss.
 

@@ -19,8 +19,8 @@ from torch import nn
 from diffusion_policy.model.common.module_attr_mixin import ModuleAttrMixin
 from diffusion_policy.model.vision.crop_randomizer import CropRandomizer
 from diffusion_policy.model.vision.group_norm import replace_batchnorm_with_groupnorm
+from diffusion_policy.model.vision.obs_shape_meta import parse_obs_meta
 
-OBS_TYPES = ("rgb", "low_dim")
 SHARED_KEY = "rgb"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,19 +102,7 @@ class MultiImageObsEncoder(ModuleAttrMixin):
 
         key_shapes: dict[str, tuple[int, ...]] = {}
         rgb_keys, low_dim_keys = [], []
-        for key, attr in obs_meta.items():
-            if "shape" not in attr:
-                raise ValueError(f"shape_meta['obs']['{key}'] has no 'shape'; add e.g. shape: [2]")
-            shape = tuple(int(s) for s in attr["shape"])
-            obs_type = attr.get("type", "low_dim")
-            if obs_type not in OBS_TYPES:
-                raise ValueError(
-                    f"shape_meta['obs']['{key}'] has type '{obs_type}'; supported types are {list(OBS_TYPES)}"
-                )
-            if obs_type == "rgb" and len(shape) != 3:
-                raise ValueError(
-                    f"shape_meta['obs']['{key}'] is rgb, so its shape {list(shape)} must be [C, H, W]"
-                )
+        for key, (shape, obs_type) in parse_obs_meta(obs_meta).items():
             key_shapes[key] = shape
             (rgb_keys if obs_type == "rgb" else low_dim_keys).append(key)
         rgb_keys.sort()

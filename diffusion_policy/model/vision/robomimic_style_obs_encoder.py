@@ -22,9 +22,9 @@ from torch import nn
 
 from diffusion_policy.model.vision.crop_randomizer import CropRandomizer
 from diffusion_policy.model.vision.group_norm import replace_batchnorm_with_groupnorm
+from diffusion_policy.model.vision.obs_shape_meta import parse_obs_meta
 from diffusion_policy.model.vision.spatial_softmax import SpatialSoftmax
 
-OBS_TYPES = ("rgb", "low_dim")
 # replace_batchnorm_with_groupnorm (now in group_norm.py) stays importable from this module
 
 
@@ -98,21 +98,9 @@ class RobomimicStyleObsEncoder(nn.Module):
         self.obs_randomizers = nn.ModuleDict()
         self.activation = nn.ReLU()
         output_dim = 0
-        for key, attr in obs_shape_meta.items():
-            if "shape" not in attr:
-                raise ValueError(f"shape_meta['obs']['{key}'] has no 'shape'; add e.g. shape: [2]")
-            shape = tuple(int(s) for s in attr["shape"])
-            obs_type = attr.get("type", "low_dim")
-            if obs_type not in OBS_TYPES:
-                raise ValueError(
-                    f"shape_meta['obs']['{key}'] has type '{obs_type}'; supported types are {list(OBS_TYPES)}"
-                )
+        for key, (shape, obs_type) in parse_obs_meta(obs_shape_meta).items():
             self.obs_shapes[key] = shape
             if obs_type == "rgb":
-                if len(shape) != 3:
-                    raise ValueError(
-                        f"shape_meta['obs']['{key}'] is rgb, so its shape {list(shape)} must be [C, H, W]"
-                    )
                 randomizer = None
                 net_input = shape
                 if crop_shape is not None:
