@@ -2,6 +2,7 @@
 
     python eval.py -c data/outputs/.../checkpoints/latest.ckpt -o data/eval/run1 [-d cpu] [--overwrite]
     python eval.py -c CKPT -o data/eval/run1_ddpm --sampler ddpm      # same weights, 100-step DDPM sampling
+    python eval.py -c FLOW_CKPT -o data/eval/run1_fm2 --inference-steps 2  # flow matching, 2 Euler steps
     python eval.py -c CKPT -o data/eval/run1_500 --n-test 500         # 500 test seeds, 95% interval
     python eval.py -c EXPORT_DIR -o data/eval/run1_ov --backend openvino  # a directory written by export.py
 
@@ -50,17 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sampler",
-        choices=("ddpm", "ddim"),
+        choices=("ddpm", "ddim", "euler", "midpoint", "heun"),
         default=None,
-        help="sample with this scheduler over the checkpoint's trained noise schedule instead of the one it "
-        "was trained with (DDPM: all 100 steps unless --inference-steps; DDIM: its steps unless given)",
+        help="diffusion-trained checkpoints: ddpm or ddim over the trained noise schedule (DDPM: all 100 "
+        "steps unless --inference-steps; DDIM: the checkpoint's steps unless given); flow-matching "
+        "checkpoints: the ODE solver euler, midpoint or heun (the last two call the network twice per step)",
     )
     parser.add_argument(
         "--inference-steps",
         type=int,
         default=None,
         metavar="N",
-        help="number of denoising steps for sampling (default: the checkpoint's, or all for --sampler ddpm)",
+        help="number of denoising (DDPM/DDIM) or ODE (flow matching) steps for sampling "
+        "(default: the checkpoint's, or all for --sampler ddpm)",
     )
     parser.add_argument(
         "--n-test",

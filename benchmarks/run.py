@@ -53,10 +53,18 @@ IMAGE_RECIPE = "train_diffusion_unet_hybrid_workspace"
 STATE_DPT_RECIPE = "train_diffusion_transformer_lowdim_pusht_workspace"
 IMAGE_DPT_RECIPE = "train_diffusion_transformer_hybrid_workspace"
 
-# (label, scheduler class, num_inference_steps). DDPM-100 is the paper's sampler; DDIM-10/16 are the
-# fast samplers of the paper's real-robot setup.
-# The middle field names the shipped config group policy/noise_scheduler=<group>.
-SAMPLERS = (("ddpm100", "ddpm", 100), ("ddim10", "ddim", 10), ("ddim16", "ddim", 16))
+# (label, config group policy/noise_scheduler=<group>, num_inference_steps). DDPM-100 is the paper's
+# sampler; DDIM-10/16 are the fast samplers of the paper's real-robot setup; flow matching with 1, 2 and 4
+# Euler steps is the few-step option (one denoiser call per step, like DDIM). Latency does not depend on
+# the weights, so every sampler is timed on the same freshly built network.
+SAMPLERS = (
+    ("ddpm100", "ddpm", 100),
+    ("ddim10", "ddim", 10),
+    ("ddim16", "ddim", 16),
+    ("flow1", "flow_matching", 1),
+    ("flow2", "flow_matching", 2),
+    ("flow4", "flow_matching", 4),
+)
 SAMPLER_BY_LABEL = {s[0]: s for s in SAMPLERS}
 LATENCY_BATCHES = (1, 56)
 

@@ -19,7 +19,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
 
-SAMPLERS = ("ddpm100", "ddim10", "ddim16")
+SAMPLERS = ("ddpm100", "ddim10", "ddim16", "flow1", "flow2", "flow4")
 KINDS = ("state", "image", "state_dpt", "image_dpt")
 EXPECTED = (
     [f"train_{k}.{m}" for k in KINDS for m in ("optimizer_steps_per_s", "samples_per_s", "data_wait_share")]
@@ -98,6 +98,7 @@ def test_smoke_prints_one_valid_row_per_benchmark(smoke):
                 assert p50["value"] <= by_name[f"latency_{kind}.{s}.b{b}.p95"]["value"]
     assert by_name["latency_state.ddim10.b1.p50"]["config"]["num_inference_steps"] == 10
     assert by_name["latency_state.ddpm100.b1.p50"]["config"]["num_inference_steps"] == 100
+    assert by_name["latency_state.flow2.b56.p50"]["config"]["num_inference_steps"] == 2
     assert "transformer" in by_name["latency_state_dpt.ddim10.b1.p50"]["config"]["recipe"]
     assert "transformer" in by_name["train_image_dpt.optimizer_steps_per_s"]["config"]["recipe"]
     ev = by_name["eval_protocol.wall_time"]

@@ -45,7 +45,7 @@ def test_every_config_file_is_covered():
     assert sorted([DPT_IMAGE, DPT_STATE, HYBRID, IMAGE, LOWDIM]) == PRIMARY
     assert {name for name, _ in COMBOS} == set(PRIMARY)
     assert _group_options("task") == ["pusht_image", "pusht_lowdim"]
-    assert _group_options("policy/noise_scheduler") == ["ddim", "ddpm"]
+    assert _group_options("policy/noise_scheduler") == ["ddim", "ddpm", "flow_matching"]
     assert _group_options("debug") == [
         "fast",
         "smoke",
@@ -62,10 +62,14 @@ COMBOS = (
     + [(LOWDIM, [f"policy/noise_scheduler={o}"]) for o in _group_options("policy/noise_scheduler")]
     + [(LOWDIM, ["debug=smoke"]), (LOWDIM, ["debug=fast"])]
     + [(name, [f"experiment={o}"]) for o, name in EXPERIMENTS.items()]
-    + [(HYBRID, ["debug=smoke_image"]), (HYBRID, ["policy/noise_scheduler=ddim"])]
-    + [(IMAGE, ["debug=smoke_image"]), (IMAGE, ["policy/noise_scheduler=ddim"])]
-    + [(DPT_STATE, ["debug=smoke_transformer"]), (DPT_STATE, ["policy/noise_scheduler=ddim"])]
-    + [(DPT_IMAGE, ["debug=smoke_transformer_image"]), (DPT_IMAGE, ["policy/noise_scheduler=ddim"])]
+    + [(HYBRID, ["debug=smoke_image"]), (IMAGE, ["debug=smoke_image"])]
+    + [(DPT_STATE, ["debug=smoke_transformer"]), (DPT_IMAGE, ["debug=smoke_transformer_image"])]
+    + [
+        (name, [f"policy/noise_scheduler={o}"])
+        for name in (HYBRID, IMAGE, DPT_STATE, DPT_IMAGE)
+        for o in ("ddim", "flow_matching")
+    ]
+    + [(LOWDIM, ["experiment=pusht_lowdim_cpu", "policy/noise_scheduler=flow_matching"])]
 )
 
 
@@ -182,6 +186,27 @@ def test_ddim_swaps_only_the_sampler():
     assert ddim["policy"]["num_inference_steps"] == 8
     for k in ("model", "horizon", "n_action_steps"):
         assert ddim["policy"][k] == base["policy"][k]
+
+
+@pytest.mark.parametrize("name", PRIMARY)
+def test_flow_matching_swaps_only_the_objective_and_sampler(name):
+    base = OmegaConf.to_container(_compose(name), resolve=True)
+    flow = OmegaConf.to_container(_compose(name, ["policy/noise_scheduler=flow_matching"]), resolve=True)
+    assert flow["policy"]["noise_scheduler"]["_target_"].endswith("flow_matching.FlowMatchingScheduler")
+    assert "variance_type" not in flow["policy"]["noise_scheduler"]
+    assert flow["policy"]["num_inference_steps"] == 8
+    rest = {k: v for k, v in flow["policy"].items() if k not in ("noise_scheduler", "num_inference_steps")}
+    assert rest == {
+        k: v for k, v in base["policy"].items() if k not in ("noise_scheduler", "num_inference_steps")
+    }
+    assert instantiate(flow["policy"]["noise_scheduler"]).config.solver == "euler"
+
+
+def test_command_line_flow_matching_wins_over_the_cpu_recipes_ddim():
+    cfg = _compose(LOWDIM, ["experiment=pusht_lowdim_cpu", "policy/noise_scheduler=flow_matching"])
+    recipe = _compose(LOWDIM, ["experiment=pusht_lowdim_cpu"])
+    assert cfg.policy.noise_scheduler._target_.endswith("FlowMatchingScheduler")
+    assert cfg.policy.model == recipe.policy.model and cfg.training == recipe.training
 
 
 def test_instantiate_lowdim_policy_dataset_runner(pusht_zarr_path, tmp_path):

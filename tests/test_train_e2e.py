@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -222,38 +220,18 @@ def test_eval_help_does_not_need_input():
 
 # ----------------------------------------------------------------------------- resume
 def test_resume_after_sigkill_ends_with_identical_weights(lowdim_run, pusht_zarr_path, tmp_path):
+    from tests.resume_check import assert_same_training_state, sigkill_after_first_checkpoint
+
     run_dir = tmp_path / "killed"
-    latest = run_dir / "checkpoints" / "latest.ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, *lowdim_args(pusht_zarr_path, run_dir)],
-        cwd=REPO_ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 180
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint_file(latest)["state"]["epoch"]
+    killed_at = sigkill_after_first_checkpoint(lowdim_args(pusht_zarr_path, run_dir), run_dir, REPO_ROOT, ENV)
     assert 1 <= killed_at < N_EPOCHS, "the kill must land before the run finished"
 
     assert_ok(run_cli(lowdim_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    resumed = load_checkpoint_file(latest)
-    reference = load_checkpoint_file(lowdim_run / "checkpoints" / "latest.ckpt")
-    assert resumed["state"]["epoch"] == N_EPOCHS, "resume trains to num_epochs in total, not num_epochs more"
-    for part in ("model", "ema_model"):
-        ref, got = reference["state_dicts"][part], resumed["state_dicts"][part]
-        assert ref.keys() == got.keys()
-        for k in ref:
-            assert torch.equal(ref[k], got[k]), f"{part}.{k} differs after kill + resume"
-    assert resumed["state_dicts"]["ema"] == reference["state_dicts"]["ema"]
-    assert (
-        resumed["state_dicts"]["lr_scheduler"]["last_epoch"]
-        == reference["state_dicts"]["lr_scheduler"]["last_epoch"]
+    latest = run_dir / "checkpoints" / "latest.ckpt"
+    assert load_checkpoint_file(latest)["state"]["epoch"] == N_EPOCHS, (
+        "resume trains to num_epochs in total, not num_epochs more"
     )
-    assert resumed["state_dicts"]["topk_manager"] == reference["state_dicts"]["topk_manager"]
+    assert_same_training_state(lowdim_run / "checkpoints" / "latest.ckpt", latest)
     steps = [e["global_step"] for e in read_json_log(run_dir / "logs.json.txt")]
     assert steps == list(range(N_EPOCHS * 3)), "redone steps must not appear twice in logs.json.txt"
 

@@ -4,17 +4,13 @@ a confidence interval), resume after SIGKILL, and the original's own DP-T config
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.common.json_logger import read_json_log
+from tests.resume_check import assert_same_training_state, sigkill_after_first_checkpoint
 from tests.test_train_e2e import ENV, FIXTURES, REPO_ROOT, assert_ok, assert_one_line_error, run_cli
 
 STATE_CFG = "train_diffusion_transformer_lowdim_pusht_workspace"
@@ -94,35 +90,11 @@ def test_state_dpt_trains_and_eval_reports_a_confidence_interval(dpt_run, tmp_pa
 
 def test_state_dpt_resume_after_sigkill_ends_with_identical_weights(dpt_run, pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "killed"
-    latest = run_dir / "checkpoints" / "latest.ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, *state_args(pusht_zarr_path, run_dir)],
-        cwd=REPO_ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 180
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint_file(latest)["state"]["epoch"]
+    killed_at = sigkill_after_first_checkpoint(state_args(pusht_zarr_path, run_dir), run_dir, REPO_ROOT, ENV)
     assert 1 <= killed_at < N_EPOCHS, "the kill must land before the run finished"
-
     assert_ok(run_cli(state_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    resumed = load_checkpoint_file(latest)
-    reference = load_checkpoint_file(dpt_run / "checkpoints" / "latest.ckpt")
-    assert resumed["state"]["epoch"] == N_EPOCHS
-    for part in ("model", "ema_model"):
-        ref, got = reference["state_dicts"][part], resumed["state_dicts"][part]
-        assert ref.keys() == got.keys()
-        for k in ref:
-            assert torch.equal(ref[k], got[k]), f"{part}.{k} differs after kill + resume"
-    assert resumed["state_dicts"]["ema"] == reference["state_dicts"]["ema"]
-    ref_opt, got_opt = reference["state_dicts"]["optimizer"], resumed["state_dicts"]["optimizer"]
-    for k, state in ref_opt["state"].items():
-        assert torch.equal(state["exp_avg"], got_opt["state"][k]["exp_avg"])
+    reference = dpt_run / "checkpoints" / "latest.ckpt"
+    assert_same_training_state(reference, run_dir / "checkpoints" / "latest.ckpt")
 
 
 def test_image_dpt_trains_and_evaluates(pusht_zarr_path, tmp_path):

@@ -1,6 +1,7 @@
 """Errors the command-line entry points turn into a one-line message and a non-zero exit.
 
-Each is a ``ValueError``/``RuntimeError`` subclass so library callers can catch them the usual way.
+Each is a ``ValueError``/``RuntimeError`` subclass so library callers can catch them the usual way; only
+``RunInterrupted`` (a stop signal) is, like ``KeyboardInterrupt``, a ``BaseException``.
 """
 
 from __future__ import annotations
@@ -16,3 +17,33 @@ class CheckpointError(ValueError):
 
 class DeviceError(RuntimeError):
     """The requested torch device does not exist on this machine."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A data-loader or env worker process died (killed, out of memory, crashed) while the run needed it."""
+
+
+class RunInterrupted(BaseException):
+    """SIGINT / SIGTERM stopped the run between two steps (see ``diffusion_policy.common.shutdown``).
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that code catching ``Exception`` lets it through.
+    ``detail`` is filled in by the training loop (what was saved, how to resume).
+    """
+
+    def __init__(self, signum: int, forced: bool = False, detail: str = ""):
+        super().__init__(signum, forced, detail)
+        self.signum = int(signum)
+        self.forced = forced
+        self.detail = detail
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130, 143)."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        import signal
+
+        how = "stopped at once (second signal)" if self.forced else "stopped between two steps"
+        text = f"{signal.Signals(self.signum).name} received: {how}"
+        return f"{text}; {self.detail}" if self.detail else text

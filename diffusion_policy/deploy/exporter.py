@@ -3,13 +3,15 @@ does not.
 
 What is exported is what the sampling loop calls, and nothing of the loop itself:
 
-- ``denoiser.onnx``: (sample (B, T, D) f32, timestep (B,) int64, condition) -> model output (B, T, D),
+- ``denoiser.onnx``: (sample (B, T, D) f32, timestep (B,) int64 (float32 for flow matching), condition)
+  -> model output (B, T, D),
   where condition is the UNet's ``global_cond`` (B, To * F) or the transformer's ``cond`` tokens (B, To, F);
 - ``obs_encoder.onnx`` (image policies): one normalized frame per row, one input per obs key
   (N, *shape) -> features (N, F).
 
-Normalisation, the noise schedule, the DDIM / DDPM loop and the action window live in the manifest and run in
-numpy (:mod:`diffusion_policy.deploy.runtime`). Inpainting and local-condition modes are refused.
+Normalisation, the noise schedule, the DDIM / DDPM / flow ODE loop and the action window live in the
+manifest and run in numpy (:mod:`diffusion_policy.deploy.runtime`). Inpainting and local-condition
+modes are refused.
 """
 
 from __future__ import annotations
@@ -203,7 +205,10 @@ def export_policy(
         condition = torch.zeros(B, To, F)
     denoiser = DenoiserGraph(policy.model, manifest["conditioning"]).eval()
     names = ["sample", "timestep", "condition"]
-    args = (torch.randn(B, T, D), torch.full((B,), 10, dtype=torch.long), condition)
+    # flow matching feeds continuous times: its graph takes float32 timesteps, diffusion's int64 steps
+    flow = manifest["scheduler"]["class"] == "FlowMatchingScheduler"
+    timestep = torch.full((B,), 10.0) if flow else torch.full((B,), 10, dtype=torch.long)
+    args = (torch.randn(B, T, D), timestep, condition)
     with torch.no_grad():
         _onnx_export(denoiser, args, out_dir / "denoiser.onnx", names, "model_output")
     graphs["denoiser"] = {"onnx": "denoiser.onnx", "inputs": names, "output": "model_output"}

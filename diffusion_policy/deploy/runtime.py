@@ -8,8 +8,8 @@
     out = policy.predict_action({"obs": obs_batch})  # (B, To, Do) -> {"action": (B, Ta, Da), ...}
 
 The sampling loop mirrors the torch policies' (``diffusion_policy/policy/diffusion_sampling.py``): normalise
-the first To observations, encode them (image policies), denoise Gaussian noise with DDIM or DDPM
-(:mod:`diffusion_policy.deploy.schedulers`), unnormalise and cut the executed window.
+the first To observations, encode them (image policies), denoise Gaussian noise with DDIM or DDPM or integrate
+the flow-matching ODE (:mod:`diffusion_policy.deploy.schedulers`), unnormalise and cut the executed window.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_policy.deploy.manifest import ExportError, read_manifest
-from diffusion_policy.deploy.schedulers import make_sampler
+from diffusion_policy.deploy.schedulers import FLOW_SOLVERS, FlowSampler, make_sampler
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -173,9 +173,33 @@ class ExportedPolicy:
         self, scheduler_class: str | None = None, num_inference_steps: int | None = None, eta=None
     ):
         """Sample with ``"DDIMScheduler"`` / ``"DDPMScheduler"`` (or ``"ddim"`` / ``"ddpm"``) over the trained
-        noise schedule; None keeps the current choice (DDPM: all training steps when switching to it)."""
+        noise schedule; None keeps the current choice (DDPM: all training steps when switching to it).
+        A flow-matching export takes an ODE solver instead: ``"euler"``, ``"midpoint"`` or ``"heun"``."""
         aliases = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
+        trained = self.manifest["scheduler"]["class"]
+        flow = trained == "FlowMatchingScheduler"
         current = getattr(self, "sampler", None)
+        if flow:
+            config = dict(self.manifest["scheduler"]["config"])
+            if scheduler_class in FLOW_SOLVERS:
+                config["solver"] = scheduler_class
+            elif scheduler_class not in (None, trained):
+                raise ValueError(
+                    f"sampler {scheduler_class!r}: this policy was trained with flow matching; "
+                    f"use one of {list(FLOW_SOLVERS)}"
+                )
+            elif current is not None:
+                config["solver"] = current.solver
+            if num_inference_steps is None:
+                num_inference_steps = current.num_inference_steps
+            self.sampler = make_sampler(trained, config, int(num_inference_steps))
+            self._timestep_cache = {}
+            return
+        if scheduler_class in FLOW_SOLVERS or scheduler_class == "FlowMatchingScheduler":
+            raise ValueError(
+                f"sampler {scheduler_class!r} is a flow-matching solver; this policy was trained as a "
+                "diffusion model (use ddpm or ddim)"
+            )
         current_cls = type(current).__name__.replace("Sampler", "Scheduler") if current is not None else None
         cls = aliases.get(scheduler_class, scheduler_class) or current_cls
         if num_inference_steps is None:
@@ -190,15 +214,20 @@ class ExportedPolicy:
         self._timestep_cache = {}
 
     def sampler_label(self) -> str:
+        """As the torch ``sampler_label``: ``"DDIMScheduler-8"``, ``"FlowMatchingScheduler-euler-2"``."""
+        if isinstance(self.sampler, FlowSampler):
+            return f"FlowMatchingScheduler-{self.sampler.solver}-{self.sampler.num_inference_steps}"
         name = type(self.sampler).__name__.replace("Sampler", "Scheduler")
         return f"{name}-{self.sampler.num_inference_steps}"
 
     # ---------------- inference ----------------
     def _timesteps(self, batch: int) -> list[np.ndarray]:
-        """(B,) int64 timestep inputs for every step, built once per batch size."""
+        """(B,) timestep inputs for every denoiser call (int64 steps; float32 times for flow matching),
+        built once per batch size."""
         steps = self._timestep_cache.get(batch)
         if steps is None:
-            steps = [np.full((batch,), t, dtype=np.int64) for t in self.sampler.timesteps.tolist()]
+            dtype = self.sampler.timesteps.dtype
+            steps = [np.full((batch,), t, dtype=dtype) for t in self.sampler.timesteps.tolist()]
             self._timestep_cache[batch] = steps
         return steps
 

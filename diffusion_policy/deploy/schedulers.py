@@ -1,5 +1,6 @@
 """DDIM and DDPM sampling steps in numpy, following diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` for the
-settings the policies use (tests compare them step by step with diffusers).
+settings the policies use (tests compare them step by step with diffusers), and the flow-matching ODE
+solvers of :class:`diffusion_policy.model.diffusion.flow_matching.FlowMatchingScheduler`.
 
 Supported: beta schedules ``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` (or ``trained_betas``);
 timestep spacings ``leading``, ``trailing``, ``linspace``; predictions ``epsilon`` and ``sample``;
@@ -195,10 +196,74 @@ class DDPMSampler(NumpySampler):
         return prev.astype(sample.dtype, copy=False)
 
 
+FLOW_SOLVERS = {"euler": 1, "midpoint": 2, "heun": 2}
+
+
+class FlowSampler:
+    """Flow-matching ODE from t = 1 (noise) to t = 0 on the grid t_i = 1 - i / N, as the torch
+    ``FlowMatchingScheduler``: ``timesteps`` are the denoiser's evaluation times (float32, ``t *
+    num_train_timesteps``), one per Euler step and two per midpoint / Heun step; the model output is the
+    velocity. ``step`` must be called for every index in order (two-stage solvers keep the step's start)."""
+
+    stochastic = False
+
+    def __init__(self, config: Mapping[str, Any], num_inference_steps: int) -> None:
+        if config.get("prediction_type", "flow") != "flow":
+            kind = config.get("prediction_type")
+            raise ValueError(f"flow matching prediction_type={kind!r}; expected 'flow'")
+        self.config = dict(config)
+        self.solver = self.config.get("solver", "euler")
+        if self.solver not in FLOW_SOLVERS:
+            raise ValueError(f"flow solver={self.solver!r} is not one of {list(FLOW_SOLVERS)}")
+        self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
+        self.set_timesteps(num_inference_steps)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        n = int(num_inference_steps)
+        if n < 1:
+            raise ValueError(f"num_inference_steps={n} must be >= 1")
+        self.num_inference_steps = n
+        grid = np.linspace(1.0, 0.0, n + 1)
+        if self.solver == "euler":
+            times = grid[:-1]
+        elif self.solver == "midpoint":
+            times = np.stack([grid[:-1], (grid[:-1] + grid[1:]) / 2], axis=1).ravel()
+        else:
+            times = np.stack([grid[:-1], grid[1:]], axis=1).ravel()
+        self.grid = grid.tolist()
+        self.timesteps = (times * float(self.config["num_train_timesteps"])).astype(np.float32)
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None
+
+    def step(
+        self, i: int, out: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Evaluation ``i`` (index into ``timesteps``): velocity and state -> state at the next evaluation."""
+        per_step = FLOW_SOLVERS[self.solver]
+        k, stage = divmod(i, per_step)
+        dt = self.grid[k + 1] - self.grid[k]
+        if self.solver == "euler":
+            prev = sample + dt * out
+        elif stage == 0:
+            self._pending = (sample, out)
+            prev = sample + (dt / 2 if self.solver == "midpoint" else dt) * out
+        else:
+            start, velocity = self._pending
+            self._pending = None
+            prev = start + dt * out if self.solver == "midpoint" else start + dt / 2 * (velocity + out)
+        if self.clip is not None and i == len(self.timesteps) - 1:
+            prev = np.clip(prev, -self.clip, self.clip)
+        return prev.astype(sample.dtype, copy=False)
+
+
 def make_sampler(scheduler_class: str, config: Mapping[str, Any], num_inference_steps: int, eta: float = 0.0):
-    """``"DDIMScheduler"`` / ``"DDPMScheduler"`` (diffusers' class names) -> the numpy sampler."""
+    """``"DDIMScheduler"`` / ``"DDPMScheduler"`` (diffusers' class names) or ``"FlowMatchingScheduler"`` ->
+    the numpy sampler."""
     if scheduler_class == "DDIMScheduler":
         return DDIMSampler(config, num_inference_steps, eta)
     if scheduler_class == "DDPMScheduler":
         return DDPMSampler(config, num_inference_steps)
-    raise ValueError(f"scheduler {scheduler_class} is not supported by the runtime; use DDIM or DDPM")
+    if scheduler_class == "FlowMatchingScheduler":
+        return FlowSampler(config, num_inference_steps)
+    raise ValueError(
+        f"scheduler {scheduler_class} is not supported by the runtime; use DDIM, DDPM or flow matching"
+    )

@@ -16,7 +16,10 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ import numpy as np
 import tqdm
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
+from diffusion_policy.common import shutdown
+from diffusion_policy.common.errors import WorkerDiedError
 from diffusion_policy.gym_util.multistep_wrapper import repeated_space
 
 # forkserver: the parent usually holds torch/CUDA threads, which makes plain fork unsafe
@@ -237,6 +242,32 @@ class VectorRollout:
         if hasattr(self, "_vec"):
             self.close(terminate=True)
 
+    def _dead_worker(self, grace_s: float = 2.0) -> str | None:
+        """Which worker process died (killed or crashed), if one did; None when all live or exited cleanly.
+
+        A worker that raised an exception sends it back and exits with code 0: that is a failure with a
+        traceback, not a death. The exit status of a killed worker reaches us a moment after its pipe
+        closed, hence the short wait.
+        """
+        vec = self._vec
+        if not isinstance(vec, AsyncVectorEnv):
+            return None
+        deadline = time.monotonic() + grace_s
+        while True:
+            for i, process in enumerate(vec.processes):
+                code = process.exitcode
+                if code is not None and code < 0:
+                    name = signal.Signals(-code).name
+                    hint = " (often: out of memory)" if -code == signal.SIGKILL else ""
+                    return f"env worker {i} (pid {process.pid}) was killed by {name}{hint}"
+                if code is not None and code > 0:
+                    return f"env worker {i} (pid {process.pid}) exited with code {code}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            multiprocessing.connection.wait([p.sentinel for p in vec.processes], timeout=min(remaining, 0.1))
+            time.sleep(0.01)
+
     def _reset(self, episodes: list[Episode | None]):
         vec = self._ensure_vec()
         options = {"episodes": episodes}
@@ -279,8 +310,15 @@ class VectorRollout:
                 policy, slots, obs_to_policy, action_from_policy, past_action, n_obs_steps, desc
             )
         except Exception as exc:
+            dead = self._dead_worker()
             self.close(terminate=True)
+            if dead is not None:
+                raise WorkerDiedError(f"{dead} during a rollout ({type(exc).__name__}: {exc})") from exc
             raise RuntimeError(f"PushT rollout failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            # a stop signal (or KeyboardInterrupt): workers may be mid-step, so end them rather than wait
+            self.close(terminate=True)
+            raise
         n = len(episodes)
         return RolloutResult(
             max_reward=result[0][:n],
@@ -306,6 +344,7 @@ class VectorRollout:
         pbar = tqdm.tqdm(desc=desc, leave=False, mininterval=self.tqdm_interval_sec, unit="call")
         try:
             while not done.all():
+                shutdown.raise_if_requested()
                 idx = np.flatnonzero(~done)
                 np_obs = obs_to_policy(_slot_index(obs, idx))
                 if past_action and last_action is not None and n_obs_steps > 1:
@@ -347,8 +386,13 @@ class _ChunkFactory:
         self.episode_env_fn = episode_env_fn
         self.n_slots = n_slots
         self.worker_index = worker_index
+        # gymnasium also calls a factory in the parent (to read the spaces): only a worker process may
+        # change its signal handling
+        self.parent_pid = os.getpid()
 
     def __call__(self) -> EpisodeChunkEnv:
+        if os.getpid() != self.parent_pid:
+            shutdown.ignore_interrupts_in_worker()
         return EpisodeChunkEnv(self.episode_env_fn, self.n_slots, self.worker_index)
 
 

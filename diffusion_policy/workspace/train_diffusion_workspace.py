@@ -13,14 +13,19 @@ Fixed with respect to the original: resume restores the EMA step, LR schedule, t
 order, and stops at ``num_epochs`` in total; the last epoch always rolls out and checkpoints;
 ``latest.ckpt`` is written atomically; checkpoint epochs without a rollout no longer crash the top-k;
 per-phase timings are logged.
+
+Not in the original: the config is checked against ``common.config_schema`` when the workspace is built, and
+SIGINT / SIGTERM stop ``run()`` between two steps, dropping the unfinished epoch (``common.shutdown``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,10 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from diffusion_policy.common import distributed
+from diffusion_policy.common import distributed, shutdown
 from diffusion_policy.common.checkpoint_util import TopKCheckpointManager
+from diffusion_policy.common.config_schema import ConfigSource, validate_config
 from diffusion_policy.common.device_util import resolve_device
-from diffusion_policy.common.errors import ConfigError
+from diffusion_policy.common.errors import ConfigError, RunInterrupted, WorkerDiedError
 from diffusion_policy.common.json_logger import JsonLogger
 from diffusion_policy.common.pytorch_util import dict_apply, optimizer_to
 from diffusion_policy.common.wandb_logger import WandbLogger
@@ -79,6 +85,69 @@ def build_policy_optimizer(policy: torch.nn.Module, node: DictConfig) -> torch.o
         raise ConfigError(f"optimizer {kwargs}: {type(policy).__name__}.get_optimizer failed: {e}") from None
 
 
+def all_ranks_flag(device: torch.device):
+    """A ``sync`` for :func:`shutdown.raise_if_requested`: true on every rank once any rank's flag is."""
+
+    def sync(flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    return sync
+
+
+def loader_worker_death_cause(error: RuntimeError) -> str:
+    """torch's message for a dead data-loader worker, with the signal that killed it.
+
+    torch names the signal only when its SIGCHLD handler sees the death first; when its queue timeout does,
+    the message just says "exited unexpectedly", and the worker objects (with their exit codes) are left
+    in the raising frame.
+    """
+    cause = str(error).strip().splitlines()[0]
+    tb = error.__traceback__
+    while tb is not None:
+        for worker in tb.tb_frame.f_locals.get("failed_workers", None) or ():
+            code = getattr(worker, "exitcode", None)
+            if code is not None and code < 0:
+                cause += f" (pid {worker.pid}: killed by {signal.Signals(-code).name})"
+        tb = tb.tb_next
+    if "Killed" in cause or "SIGKILL" in cause:
+        cause += "; SIGKILL often means the machine ran out of memory"
+    return cause
+
+
+def stops_cleanly(run):
+    """Wrap ``run``: SIGINT / SIGTERM and dead workers end it with one line saying what was saved.
+
+    See ``diffusion_policy.common.shutdown``: a stop signal lets the current step finish, drops the
+    unfinished epoch and leaves ``latest.ckpt`` as the last completed checkpoint wrote it.
+    """
+
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        with shutdown.stop_signals_handled():
+            try:
+                return run(self, *args, **kwargs)
+            except RunInterrupted as stop:
+                stop.detail = self.resume_hint()
+                raise
+            except WorkerDiedError as e:
+                raise WorkerDiedError(f"{e}; {self.resume_hint()}") from e
+            except Exception as e:
+                signum = shutdown.requested()
+                if signum is not None:
+                    # a worker hit by the same Ctrl-C, or a pipe it closed: part of the stop, not a failure
+                    raise RunInterrupted(signum, detail=self.resume_hint()) from e
+                if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):
+                    cause = loader_worker_death_cause(e)
+                    raise WorkerDiedError(
+                        f"a data loader worker died during epoch {self.epoch} ({cause}); {self.resume_hint()}"
+                    ) from e
+                raise
+
+    return wrapper
+
+
 class TrainDiffusionWorkspace(BaseWorkspace):
     state_attrs: ClassVar[tuple[str, ...]] = (
         "model",
@@ -93,6 +162,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
     runner_base: ClassVar[type] = object
 
     def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike | None = None):
+        # before anything is built or written: a bad value fails here with one line naming it
+        validate_config(cfg, ConfigSource.from_hydra(default=f"the config given to {type(self).__name__}"))
         super().__init__(cfg, output_dir=output_dir)
         seed_everything(cfg.training.seed)
         self.model = build(cfg.policy, "policy")
@@ -105,6 +176,9 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         self.epoch = 0
         self.global_step = 0
         self.wandb_run_id: str | None = None
+        # the epoch count latest.ckpt holds, once this process saved or resumed it (for the stop message)
+        self.saved_epoch: int | None = None
+        self.stop_sync = None  # set in run() for data-parallel runs
         # drives the shuffling of the training data; its state is checkpointed so a resumed run sees the
         # same order
         self.data_generator = torch.Generator().manual_seed(int(cfg.training.seed))
@@ -121,6 +195,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         return self.ema_model if self.ema_model is not None else self.model
 
     # ================================================================== the recipe
+    @stops_cleanly
     def run(self) -> None:
         cfg = self.resolved_run_config()
         device, dist_info = self.setup_device(cfg)
@@ -132,7 +207,9 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         dataset = build(cfg.task.dataset, "task.dataset")
         self.check_dataset(dataset, cfg)
         train_loader = self.make_loader(dataset, cfg.dataloader, device, dist_info, train=True)
-        val_loader = self.make_loader(dataset.get_validation_dataset(), cfg.val_dataloader, device, dist_info)
+        val_loader = self.make_loader(
+            dataset.get_validation_dataset(), cfg.val_dataloader, device, dist_info, name="val_dataloader"
+        )
         normalizer = dataset.get_normalizer()
         self.model.set_normalizer(normalizer)
         if self.ema_model is not None:
@@ -143,6 +220,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         steps_per_epoch = len(train_loader)
         if cfg.training.max_train_steps is not None:
             steps_per_epoch = min(steps_per_epoch, cfg.training.max_train_steps)
+        if cfg.training.gradient_accumulate_every > steps_per_epoch:
+            # the accumulation counter restarts every epoch, so the optimizer would never step
+            raise ConfigError(
+                f"training.gradient_accumulate_every={cfg.training.gradient_accumulate_every} exceeds the "
+                f"{steps_per_epoch} training steps of an epoch, so no optimizer step would ever run; "
+                f"use a value <= {steps_per_epoch}"
+            )
         self.lr_scheduler = get_scheduler(
             cfg.training.lr_scheduler,
             optimizer=self.optimizer,
@@ -167,6 +251,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             # RNG states are put back only right before the loop: building the runner and loggers below
             # may draw random numbers, and an uninterrupted run did that before its first epoch, not here
             resumed_rng = self.load_checkpoint(latest, restore_rng=False)["state"]["rng"]
+            self.saved_epoch = self.epoch
             if dist_info.is_main:
                 print(
                     f"Resuming from {latest} at epoch {self.epoch} (global step {self.global_step})",
@@ -194,6 +279,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             self.ema_model.to(device)
         optimizer_to(self.optimizer, device)
         train_module = distributed.wrap_for_training(self.model, dist_info, device)
+        # data-parallel ranks agree on a stop at every check, so none is left waiting in an all-reduce
+        self.stop_sync = all_ranks_flag(device) if dist_info.enabled else None
 
         def log(data: dict[str, Any]) -> None:
             if dist_info.is_main:
@@ -206,6 +293,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             self.set_rng_state(resumed_rng)
         try:
             while self.epoch < t.num_epochs:
+                shutdown.raise_if_requested(self.stop_sync)
                 epoch_start = time.perf_counter()
                 is_last_epoch = self.epoch == t.num_epochs - 1
                 if isinstance(train_loader.sampler, DistributedSampler):
@@ -239,6 +327,18 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             distributed.cleanup(dist_info)
 
     # ================================================================== steps
+    def resume_hint(self) -> str:
+        """What a stopped run left behind and how to continue it, for the one-line stop message."""
+        latest = self.checkpoint_path("latest")
+        if not latest.is_file():
+            return f"epoch {self.epoch} was not finished and no checkpoint was written yet"
+        n = self.saved_epoch
+        held = f" (saved after {n} epoch{'s' if n != 1 else ''})" if n is not None else ""
+        return (
+            f"the unfinished epoch {self.epoch} was dropped; {latest}{held} is intact; resume with the same "
+            f"command and hydra.run.dir={self.output_dir}"
+        )
+
     def resolved_run_config(self) -> DictConfig:
         """A copy of the config with ``training.debug`` applied (the original's debug switch)."""
         cfg = copy.deepcopy(self.cfg)
@@ -263,7 +363,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         return device, dist_info
 
     def make_loader(
-        self, dataset, loader_cfg: DictConfig, device, dist_info, train: bool = False
+        self,
+        dataset,
+        loader_cfg: DictConfig,
+        device,
+        dist_info,
+        train: bool = False,
+        name: str = "dataloader",
     ) -> DataLoader:
         kwargs = OmegaConf.to_container(loader_cfg, resolve=True)
         shuffle = bool(kwargs.pop("shuffle", False))
@@ -271,17 +377,23 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             kwargs["pin_memory"] = False  # only meaningful for host-to-GPU copies
         if kwargs.get("num_workers", 0) == 0:
             kwargs["persistent_workers"] = False
-        if train and dist_info.enabled:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=dist_info.world_size,
-                rank=dist_info.rank,
-                shuffle=shuffle,
-                seed=int(self.cfg.training.seed),
-            )
-            return DataLoader(dataset, sampler=sampler, **kwargs)
-        generator = self.data_generator if (train and shuffle) else None
-        return DataLoader(dataset, shuffle=shuffle, generator=generator, **kwargs)
+        else:
+            kwargs.setdefault("worker_init_fn", shutdown.ignore_interrupts_in_worker)
+        try:
+            if train and dist_info.enabled:
+                sampler = DistributedSampler(
+                    dataset,
+                    num_replicas=dist_info.world_size,
+                    rank=dist_info.rank,
+                    shuffle=shuffle,
+                    seed=int(self.cfg.training.seed),
+                )
+                return DataLoader(dataset, sampler=sampler, **kwargs)
+            generator = self.data_generator if (train and shuffle) else None
+            return DataLoader(dataset, shuffle=shuffle, generator=generator, **kwargs)
+        except (TypeError, ValueError) as e:
+            # keys the schema lets through (the original's extras) go straight to torch
+            raise ConfigError(f"{name}: torch's DataLoader refuses {kwargs}: {e}") from None
 
     def train_epoch(self, train_module, loader, device, cfg, log) -> dict[str, Any]:
         """One pass over the training data; logs every step but the last (the epoch summary extends it)."""
@@ -323,6 +435,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
                 "epoch": self.epoch,
                 "lr": self.lr_scheduler.get_last_lr()[0],
             }
+            # after the step, so the optimizer, EMA and LR schedule stay in step with each other
+            shutdown.raise_if_requested(self.stop_sync)
             if batch_idx == n_batches - 1:
                 break
             log(step_log)
@@ -348,6 +462,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             for batch_idx, batch in enumerate(val_loader):
                 if t.max_val_steps is not None and batch_idx >= t.max_val_steps:
                     break
+                shutdown.raise_if_requested()
                 batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
                 val_losses.append(self.model.compute_loss(batch).item())
             if val_losses:
@@ -355,11 +470,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             out["time/val_s"] = time.perf_counter() - tic
 
         if self.epoch % t.rollout_every == 0 or is_last_epoch:
+            shutdown.raise_if_requested()  # the rollout checks again at every policy call
             tic = time.perf_counter()
             out.update(env_runner.run(policy))
             out["time/rollout_s"] = time.perf_counter() - tic
 
         if self.epoch % t.sample_every == 0:
+            shutdown.raise_if_requested()
             tic = time.perf_counter()
             batch = dict_apply(sampling_batch, lambda x: x.to(device, non_blocking=True))
             result = policy.predict_action(self.sampling_obs(batch))
@@ -373,6 +490,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         latest = None
         if cfg.checkpoint.save_last_ckpt:
             latest = self.save_checkpoint(tag="latest")
+            self.saved_epoch = self.epoch
         if topk_path is not None:
             if latest is None:
                 self.save_checkpoint(path=topk_path)
