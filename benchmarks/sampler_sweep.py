@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -217,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(line)
                 done[cell_name(row)] = row
     todo = [c for c in cells if cell_name(c) not in done]
+    from run import cpu_model  # the sibling benchmark script: same hardware string
+
     threads = torch.get_num_threads()
-    hardware = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads"
+    hardware = f"{cpu_model()}, torch {torch.__version__}, torch threads: {threads}"
     if todo:
         print(f"timing batch-1 latency of {len(todo)} cells ...", file=sys.stderr, flush=True)
         latencies = time_latencies(todo, args.latency_repeats)

@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "pusht_lowdim_cpu": LOWDIM,
     "quickstart": LOWDIM,
     "pusht_lowdim_transformer_cpu": DPT_STATE,
+    "pusht_image_cpu": HYBRID,
 }
 
 register_resolvers()

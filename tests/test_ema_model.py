@@ -98,3 +98,33 @@ def test_load_rejects_other_hyper_parameters():
     state = EMAModel(Net(), power=0.75).state_dict()
     with pytest.raises(ValueError, match="power=0.75"):
         EMAModel(Net(), power=2 / 3).load_state_dict(state)
+
+
+def test_foreach_update_matches_the_originals_per_parameter_loop():
+    """The shipped multi-tensor lerp gives the original's per-parameter result (ema * decay, then
+    + (1 - decay) * live, one tensor at a time) over a run of steps, to float rounding."""
+    torch.manual_seed(0)
+    live = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    live.add_module("bn", nn.BatchNorm1d(5))
+    ema = EMAModel(copy.deepcopy(live), power=0.75)
+    reference = copy.deepcopy(live)
+    reference.requires_grad_(False)
+    for step in range(12):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ema.step(live)
+        decay = ema.get_decay(step)
+        with torch.no_grad():
+            for module, ref_module in zip(live.modules(), reference.modules()):
+                for p, r in zip(module.parameters(recurse=False), ref_module.parameters(recurse=False)):
+                    if isinstance(module, nn.BatchNorm1d):
+                        r.copy_(p)
+                    else:
+                        r.mul_(decay)
+                        r.add_(p, alpha=1 - decay)
+    assert ema.decay > 0.5  # the run got past the copy-only warm-up
+    for (name, got), (_, want) in zip(
+        ema.averaged_model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)

@@ -25,7 +25,15 @@ from diffusion_policy.policy.diffusion_sampling import (
 )
 from diffusion_policy.workspace.base_workspace import load_policy
 from tests.resume_check import assert_same_training_state, sigkill_after_first_checkpoint
-from tests.test_train_e2e import ENV, REPO_ROOT, assert_ok, assert_one_line_error, run_cli
+from tests.test_train_e2e import (
+    ENV,
+    N_EPOCHS,
+    REPO_ROOT,
+    assert_ok,
+    assert_one_line_error,
+    lowdim_args,
+    run_cli,
+)
 
 FLOW = "policy/noise_scheduler=flow_matching"
 SOLVERS = ("euler", "midpoint", "heun")
@@ -229,21 +237,9 @@ def test_inpainting_keeps_the_known_observations_under_flow_matching():
 
 
 # ----------------------------------------------------------------------------- end to end
-N_EPOCHS = 3
-
-
 def flow_args(zarr: str, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train.py",
-        "debug=smoke",
-        FLOW,
-        f"task.dataset.zarr_path={zarr}",
-        f"training.num_epochs={N_EPOCHS}",
-        "training.rollout_every=2",
-        "training.checkpoint_every=1",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    """The state smoke run of tests/test_train_e2e.py, trained with flow matching."""
+    return lowdim_args(zarr, run_dir, FLOW, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import ENV, REPO_ROOT, assert_ok, lowdim_args, run_cli
 
 from diffusion_policy.common import shutdown
 from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.common.errors import RunInterrupted, WorkerDiedError
+from tests.test_train_e2e import ENV, REPO_ROOT, assert_ok, lowdim_args, run_cli
 
 WITH_WORKERS = ("dataloader.num_workers=1", "task.env_runner.n_envs=2")
 

@@ -285,7 +285,9 @@ def test_use_sampler_swaps_a_built_policy_in_place(lowdim_data):
     assert use_sampler(policy, "ddim", 16) == "DDIMScheduler-16"
     with pytest.raises(ValueError, match=r"num_inference_steps=500 must be in \[1, num_train_timesteps=100"):
         use_sampler(policy, "ddim", 500)
-    with pytest.raises(ValueError, match="sampler='euler' is not one of"):
+    with pytest.raises(ValueError, match="sampler='rk4' is not one of"):
+        use_sampler(policy, "rk4")
+    with pytest.raises(ValueError, match="sampler='euler' is a flow-matching solver"):
         use_sampler(policy, "euler")
     assert sampler_label(policy) == "DDIMScheduler-16", "a refused swap leaves the policy as it was"
 

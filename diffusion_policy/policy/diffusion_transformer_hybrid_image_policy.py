@@ -33,7 +33,8 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
     With ``obs_as_cond`` (the default, and the PushT config) the To per-frame features are the
     transformer's condition tokens (B, To, F); otherwise the model inpaints [action, features].
     Executed actions are ``action_pred[:, n_obs_steps - 1 : n_obs_steps - 1 + n_action_steps]``.
-    ``crop_shape``, ``obs_encoder_group_norm`` and ``eval_fixed_crop`` configure the encoder as in
+    ``crop_shape``, ``obs_encoder_group_norm``, ``obs_encoder_backbone_width`` and ``eval_fixed_crop``
+    configure the encoder as in
     ``DiffusionUnetHybridImagePolicy``; ``n_layer`` ... ``n_cond_layers`` the transformer. Extra keyword
     arguments are passed to ``noise_scheduler.step``.
     """
@@ -48,6 +49,7 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
         num_inference_steps: int | None = None,
         crop_shape: Sequence[int] | None = (76, 76),
         obs_encoder_group_norm: bool = False,
+        obs_encoder_backbone_width: int = 64,
         eval_fixed_crop: bool = False,
         n_layer: int = 8,
         n_cond_layers: int = 0,
@@ -75,6 +77,7 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
             crop_shape=crop_shape,
             use_group_norm=obs_encoder_group_norm,
             eval_fixed_crop=eval_fixed_crop,
+            backbone_width=obs_encoder_backbone_width,
         )
         obs_feature_dim = obs_encoder.output_dim
         input_dim = action_dim if obs_as_cond else action_dim + obs_feature_dim

@@ -21,7 +21,8 @@ class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
     softmax -> Linear -> ReLU per rgb key, 64 features; low-dim keys raw; 66 per frame for PushT).
 
     ``crop_shape`` random-crops rgb inputs in training (center crop in eval with ``eval_fixed_crop``);
-    ``obs_encoder_group_norm`` swaps the encoder's BatchNorm for GroupNorm (needed with EMA).
+    ``obs_encoder_group_norm`` swaps the encoder's BatchNorm for GroupNorm (needed with EMA);
+    ``obs_encoder_backbone_width`` (not in the original) narrows the ResNet-18 trunks (64: torchvision's).
     Everything else (sampling, loss, action window, ``select_action``) is the base class's.
     Extra keyword arguments are passed to ``noise_scheduler.step``.
     """
@@ -42,6 +43,7 @@ class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
         n_groups: int = 8,
         cond_predict_scale: bool = True,
         obs_encoder_group_norm: bool = False,
+        obs_encoder_backbone_width: int = 64,
         eval_fixed_crop: bool = False,
         **kwargs,
     ) -> None:
@@ -53,6 +55,7 @@ class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
             crop_shape=crop_shape,
             use_group_norm=obs_encoder_group_norm,
             eval_fixed_crop=eval_fixed_crop,
+            backbone_width=obs_encoder_backbone_width,
         )
         super().__init__(
             shape_meta=shape_meta,

@@ -74,9 +74,9 @@ class EMAModel:
                     averaged.append(ema_param)
                     live.append(param.detach().to(dtype=ema_param.dtype))
         if averaged:
-            # one fused multi-tensor update instead of two kernels per parameter
-            torch._foreach_mul_(averaged, self.decay)
-            torch._foreach_add_(averaged, live, alpha=1 - self.decay)
+            # decay * ema + (1 - decay) * live as one multi-tensor lerp: one pass over the EMA weights instead
+            # of two (mul, then add), 1.4x faster on a 2-core CPU (docs/results.md); equal to float rounding
+            torch._foreach_lerp_(averaged, live, 1 - self.decay)
         self.optimization_step += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffusion_policy.model.vision.crop_randomizer import CropRandomizer
 from diffusion_policy.model.vision.group_norm import replace_batchnorm_with_groupnorm
+from diffusion_policy.model.vision.model_getter import narrow_resnet
 from diffusion_policy.model.vision.obs_shape_meta import parse_obs_meta
 from diffusion_policy.model.vision.spatial_softmax import SpatialSoftmax
 
@@ -29,11 +30,17 @@ from diffusion_policy.model.vision.spatial_softmax import SpatialSoftmax
 
 
 class ResNet18Conv(nn.Module):
-    """torchvision ResNet-18 (random init) minus avgpool and fc: (N, 3, H, W) -> (N, 512, H/32, W/32)."""
+    """torchvision ResNet-18 (random init) minus avgpool and fc: (N, 3, H, W) -> (N, 8 * width, H/32, W/32).
 
-    def __init__(self, use_group_norm: bool = False) -> None:
+    ``width`` (not in the original): base channel count, 64 as torchvision (512 output channels); a
+    narrower trunk costs about (width / 64) ** 2 of the convolutions. Use a multiple of 16 with GroupNorm.
+    """
+
+    def __init__(self, use_group_norm: bool = False, width: int = 64) -> None:
         super().__init__()
-        resnet = torchvision.models.resnet18(weights=None)
+        resnet = (
+            torchvision.models.resnet18(weights=None) if width == 64 else narrow_resnet("resnet18", width)
+        )
         self.nets = nn.Sequential(*list(resnet.children())[:-2])
         if use_group_norm:
             replace_batchnorm_with_groupnorm(self.nets)
@@ -46,10 +53,15 @@ class VisualCore(nn.Module):
     """Backbone -> SpatialSoftmax -> flatten -> Linear for one camera: (N, C, H, W) -> (N, feature_dim)."""
 
     def __init__(
-        self, input_shape: Sequence[int], feature_dim: int, num_kp: int, use_group_norm: bool
+        self,
+        input_shape: Sequence[int],
+        feature_dim: int,
+        num_kp: int,
+        use_group_norm: bool,
+        backbone_width: int = 64,
     ) -> None:
         super().__init__()
-        self.backbone = ResNet18Conv(use_group_norm=use_group_norm)
+        self.backbone = ResNet18Conv(use_group_norm=use_group_norm, width=backbone_width)
         with torch.no_grad():
             feat_shape = self.backbone(torch.zeros(1, *input_shape)).shape[1:]
         self.pool = SpatialSoftmax(feat_shape, num_kp=num_kp, temperature=1.0)
@@ -71,6 +83,8 @@ class RobomimicStyleObsEncoder(nn.Module):
         eval_fixed_crop: center crop in eval mode; False keeps random crops in eval (robomimic behaviour).
         feature_dim: output size per rgb key.
         num_keypoints: SpatialSoftmax keypoints per rgb key.
+        backbone_width: base channel count of the ResNet-18 trunks (64, the original's, by default);
+            not in the original.
     """
 
     def __init__(
@@ -81,6 +95,7 @@ class RobomimicStyleObsEncoder(nn.Module):
         eval_fixed_crop: bool = False,
         feature_dim: int = 64,
         num_keypoints: int = 32,
+        backbone_width: int = 64,
     ) -> None:
         super().__init__()
         if not obs_shape_meta:
@@ -110,7 +125,9 @@ class RobomimicStyleObsEncoder(nn.Module):
                     net_input = randomizer.output_shape()
                 self.rgb_keys.append(key)
                 self.obs_randomizers[key] = randomizer
-                self.obs_nets[key] = VisualCore(net_input, feature_dim, num_keypoints, use_group_norm)
+                self.obs_nets[key] = VisualCore(
+                    net_input, feature_dim, num_keypoints, use_group_norm, backbone_width
+                )
                 output_dim += feature_dim
             else:
                 self.low_dim_keys.append(key)
