@@ -100,7 +100,7 @@ TWEAKS = (
     "adamw_foreach",
     "adamw_fused",
     "uint8",
-    "ema_lerp",
+    "ema_muladd",
     "ema_loop",
     "workers",
     "threads",
@@ -113,7 +113,7 @@ BUILTIN_VARIANTS = {
     "adamw_foreach": "@adamw_foreach",
     "adamw_fused": "@adamw_fused",
     "uint8": "@uint8",
-    "ema_lerp": "@ema_lerp",
+    "ema_muladd": "@ema_muladd",
     "ema_loop": "@ema_loop",
     "workers0": "@workers=0",
     "workers1": "@workers=1",
@@ -126,7 +126,7 @@ TWEAK_HELP = """tweaks (@name in a --variant, or the built-in variant of that na
   @adamw_foreach   the recipe's optimizer with foreach=True (torch's CPU default is the per-tensor loop)
   @adamw_fused     the recipe's optimizer with fused=True
   @uint8           the dataset hands out uint8 frames; the batch becomes float / 255 after collation
-  @ema_lerp        EMA update as one torch._foreach_lerp_ instead of _foreach_mul_ + _foreach_add_
+  @ema_muladd      EMA update as _foreach_mul_ + _foreach_add_ (the shipped one is one _foreach_lerp_)
   @ema_loop        EMA update as a per-parameter Python loop (the original's way), for reference
   @workers=N       N loader worker processes (started untimed at every round, stopped after it)
   @threads=N       torch.set_num_threads(N) while this variant runs
@@ -184,12 +184,13 @@ class StageClock:
             h.remove()
 
 
-class LerpEMA:
-    """EMAModel.step with one ``torch._foreach_lerp_`` (ema += (1 - decay) * (live - ema)); measured only."""
+class ReferenceEMA:
+    """``EMAModel.step`` done another way, for reference; measured only. ``muladd``: ``_foreach_mul_`` +
+    ``_foreach_add_`` (the shipped update before it became one ``_foreach_lerp_``); ``loop``: the original's
+    per-parameter loop (two kernels per tensor)."""
 
-    def __init__(self, ema: Any) -> None:
-        self.ema = ema
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    def __init__(self, ema: Any, kind: str) -> None:
+        self.ema, self.kind = ema, kind
 
     @torch.no_grad()
     def step(self, model: torch.nn.Module) -> None:
@@ -203,30 +204,15 @@ class LerpEMA:
             for p, e in zip(module.parameters(recurse=False), ema_module.parameters(recurse=False)):
                 if copy_all or not p.requires_grad:
                     e.copy_(p)
+                elif self.kind == "loop":
+                    e.mul_(ema.decay)
+                    e.add_(p.detach(), alpha=1 - ema.decay)
                 else:
                     averaged.append(e)
                     live.append(p.detach())
-        torch._foreach_lerp_(averaged, live, 1 - ema.decay)
-        ema.optimization_step += 1
-
-
-class LoopEMA(LerpEMA):
-    """EMAModel.step as the original's per-parameter loop (two kernels per tensor); measured only."""
-
-    @torch.no_grad()
-    def step(self, model: torch.nn.Module) -> None:
-        from torch.nn.modules.batchnorm import _BatchNorm
-
-        ema = self.ema
-        ema.decay = ema.get_decay(ema.optimization_step)
-        for module, ema_module in zip(model.modules(), ema.averaged_model.modules()):
-            copy_all = isinstance(module, _BatchNorm)
-            for p, e in zip(module.parameters(recurse=False), ema_module.parameters(recurse=False)):
-                if copy_all or not p.requires_grad:
-                    e.copy_(p)
-                else:
-                    e.mul_(ema.decay)
-                    e.add_(p.detach(), alpha=1 - ema.decay)
+        if averaged:
+            torch._foreach_mul_(averaged, ema.decay)
+            torch._foreach_add_(averaged, live, alpha=1 - ema.decay)
         ema.optimization_step += 1
 
 
@@ -412,10 +398,10 @@ class Builder:
             num_training_steps=10**6,
         )
         v.ema = instantiate(cfg.ema, model=ema_model) if cfg.training.use_ema else None
-        if v.ema is not None and v.tweaks.get("ema_lerp"):
-            v.ema = LerpEMA(v.ema)
+        if v.ema is not None and v.tweaks.get("ema_muladd"):
+            v.ema = ReferenceEMA(v.ema, "muladd")
         elif v.ema is not None and v.tweaks.get("ema_loop"):
-            v.ema = LoopEMA(v.ema)
+            v.ema = ReferenceEMA(v.ema, "loop")
         model.train()
         v.model = model
         v.clock = StageClock(model)
