@@ -444,6 +444,38 @@ class OnlineQueues:
         return self.pop_action()
 
 
+def init_denoising_state(
+    policy: nn.Module,
+    model: nn.Module,
+    noise_scheduler: Any,
+    mask_generator: nn.Module,
+    horizon: int,
+    action_dim: int,
+    n_action_steps: int,
+    n_obs_steps: int,
+    action_start: int,
+    step_kwargs: Mapping[str, Any],
+) -> None:
+    """Set what every policy's sampling loop, loss and ``select_action`` read (:func:`sample_action_chunk`).
+
+    Registration order fixes the state-dict order, as in the original: (the caller's ``obs_encoder``,) then
+    ``model``, ``mask_generator``, ``normalizer``.
+    """
+    from diffusion_policy.model.common.normalizer import LinearNormalizer
+
+    policy.model = model
+    policy.noise_scheduler = noise_scheduler
+    policy.mask_generator = mask_generator
+    policy.normalizer = LinearNormalizer()
+    policy.horizon = horizon
+    policy.action_dim = action_dim
+    policy.n_action_steps = n_action_steps
+    policy.n_obs_steps = n_obs_steps
+    policy.action_start = action_start
+    policy.kwargs = dict(step_kwargs)
+    policy._queues = OnlineQueues(n_obs_steps)
+
+
 def inpainting_condition(
     known: torch.Tensor, horizon: int, action_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

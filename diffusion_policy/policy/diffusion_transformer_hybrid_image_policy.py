@@ -8,17 +8,16 @@ from typing import Any
 
 import torch
 
-from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
 from diffusion_policy.model.vision.robomimic_style_obs_encoder import RobomimicStyleObsEncoder
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.diffusion_sampling import (
     ImageObsPolicyMixin,
-    OnlineQueues,
     action_dim_from_shape_meta,
     check_action_window,
     check_scheduler,
     diffusion_loss,
+    init_denoising_state,
     inpainting_condition,
     inpainting_mask_generator,
     sample_action_chunk,
@@ -99,23 +98,25 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
         )
 
         self.obs_encoder = obs_encoder
-        self.model = model
-        self.noise_scheduler = noise_scheduler
-        self.mask_generator = inpainting_mask_generator(
+        mask_generator = inpainting_mask_generator(
             action_dim, obs_feature_dim, n_obs_steps, inpaint=not obs_as_cond
         )
-        self.normalizer = LinearNormalizer()
+        init_denoising_state(
+            self,
+            model,
+            noise_scheduler,
+            mask_generator,
+            horizon,
+            action_dim,
+            n_action_steps,
+            n_obs_steps,
+            n_obs_steps - 1,
+            kwargs,
+        )
         self.obs_shapes = dict(obs_encoder.obs_shapes)
-        self.horizon = horizon
         self.obs_feature_dim = obs_feature_dim
-        self.action_dim = action_dim
-        self.n_action_steps = n_action_steps
-        self.n_obs_steps = n_obs_steps
         self.obs_as_cond = obs_as_cond
         self.pred_action_steps_only = pred_action_steps_only
-        self.action_start = n_obs_steps - 1
-        self.kwargs = kwargs
-        self._queues = OnlineQueues(n_obs_steps)
 
     # ---------------- inference ----------------
     @torch.no_grad()

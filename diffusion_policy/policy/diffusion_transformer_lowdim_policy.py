@@ -11,11 +11,11 @@ from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
 from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
 from diffusion_policy.policy.diffusion_sampling import (
-    OnlineQueues,
     check_action_window,
     check_normalizer,
     check_scheduler,
     diffusion_loss,
+    init_denoising_state,
     inpainting_condition,
     inpainting_mask_generator,
     online_action,
@@ -75,22 +75,22 @@ class DiffusionTransformerLowdimPolicy(BaseLowdimPolicy):
                 f"n_obs_steps={n_obs_steps}"
             )
 
-        self.model = model
-        self.noise_scheduler = noise_scheduler
-        self.mask_generator = inpainting_mask_generator(
-            action_dim, obs_dim, n_obs_steps, inpaint=not obs_as_cond
+        mask_generator = inpainting_mask_generator(action_dim, obs_dim, n_obs_steps, inpaint=not obs_as_cond)
+        init_denoising_state(
+            self,
+            model,
+            noise_scheduler,
+            mask_generator,
+            horizon,
+            action_dim,
+            n_action_steps,
+            n_obs_steps,
+            n_obs_steps - 1,
+            kwargs,
         )
-        self.normalizer = LinearNormalizer()
-        self.horizon = horizon
         self.obs_dim = obs_dim
-        self.action_dim = action_dim
-        self.n_action_steps = n_action_steps
-        self.n_obs_steps = n_obs_steps
         self.obs_as_cond = obs_as_cond
         self.pred_action_steps_only = pred_action_steps_only
-        self.action_start = n_obs_steps - 1
-        self.kwargs = kwargs
-        self._queues = OnlineQueues(n_obs_steps)
 
     # ---------------- inference ----------------
     @torch.no_grad()

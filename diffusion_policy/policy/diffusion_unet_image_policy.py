@@ -13,18 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
 from diffusion_policy.model.vision.obs_shape_meta import parse_obs_meta
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.diffusion_sampling import (
     ImageObsPolicyMixin,
-    OnlineQueues,
     action_dim_from_shape_meta,
     check_action_window,
     check_scheduler,
     check_sequence_length,
     diffusion_loss,
+    init_denoising_state,
     inpainting_condition,
     inpainting_mask_generator,
     sample_action_chunk,
@@ -107,22 +106,24 @@ class DiffusionUnetImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
 
         # registration order fixes the state-dict order: obs_encoder, model, mask_generator, normalizer
         self.obs_encoder = obs_encoder
-        self.model = model
-        self.noise_scheduler = noise_scheduler
-        self.mask_generator = inpainting_mask_generator(
+        mask_generator = inpainting_mask_generator(
             action_dim, obs_feature_dim, n_obs_steps, inpaint=not obs_as_global_cond
         )
-        self.normalizer = LinearNormalizer()
+        init_denoising_state(
+            self,
+            model,
+            noise_scheduler,
+            mask_generator,
+            horizon,
+            action_dim,
+            n_action_steps,
+            n_obs_steps,
+            n_obs_steps - 1,
+            kwargs,
+        )
         self.obs_shapes = obs_shapes
-        self.horizon = horizon
         self.obs_feature_dim = obs_feature_dim
-        self.action_dim = action_dim
-        self.n_action_steps = n_action_steps
-        self.n_obs_steps = n_obs_steps
         self.obs_as_global_cond = obs_as_global_cond
-        self.action_start = n_obs_steps - 1
-        self.kwargs = kwargs
-        self._queues = OnlineQueues(n_obs_steps)
 
     # ---------------- inference ----------------
     @torch.no_grad()

@@ -10,12 +10,12 @@ from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
 from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
 from diffusion_policy.policy.diffusion_sampling import (
-    OnlineQueues,
     check_action_window,
     check_normalizer,
     check_scheduler,
     check_sequence_length,
     diffusion_loss,
+    init_denoising_state,
     inpainting_condition,
     inpainting_mask_generator,
     online_action,
@@ -69,24 +69,25 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
         )
         self._check_model_dims(model, obs_dim, action_dim, n_obs_steps, obs_as_local_cond, obs_as_global_cond)
 
-        self.model = model
-        self.noise_scheduler = noise_scheduler
-        self.mask_generator = inpainting_mask_generator(
-            action_dim, obs_dim, n_obs_steps, inpaint=not (obs_as_local_cond or obs_as_global_cond)
+        inpaint = not (obs_as_local_cond or obs_as_global_cond)
+        mask_generator = inpainting_mask_generator(action_dim, obs_dim, n_obs_steps, inpaint=inpaint)
+        init_denoising_state(
+            self,
+            model,
+            noise_scheduler,
+            mask_generator,
+            horizon,
+            action_dim,
+            n_action_steps,
+            n_obs_steps,
+            start,
+            kwargs,
         )
-        self.normalizer = LinearNormalizer()
-        self.horizon = horizon
         self.obs_dim = obs_dim
-        self.action_dim = action_dim
-        self.n_action_steps = n_action_steps
-        self.n_obs_steps = n_obs_steps
         self.obs_as_local_cond = obs_as_local_cond
         self.obs_as_global_cond = obs_as_global_cond
         self.pred_action_steps_only = pred_action_steps_only
         self.oa_step_convention = oa_step_convention
-        self.action_start = start
-        self.kwargs = kwargs
-        self._queues = OnlineQueues(n_obs_steps)
 
     @staticmethod
     def _check_model_dims(model, obs_dim, action_dim, n_obs_steps, local, global_) -> None:
