@@ -105,6 +105,7 @@ TWEAKS = (
     "workers",
     "threads",
     "backbone_width",
+    "bf16",
 )
 COUNT_TWEAKS = ("workers", "threads", "backbone_width")
 BUILTIN_VARIANTS = {
@@ -120,6 +121,7 @@ BUILTIN_VARIANTS = {
     "workers2": "@workers=2",
     "threads1": "@threads=1",
     "threads2": "@threads=2",
+    "bf16": "@bf16",
 }
 TWEAK_HELP = """tweaks (@name in a --variant, or the built-in variant of that name):
   @channels_last   encoder weights (live and EMA) in channels_last memory format
@@ -130,6 +132,8 @@ TWEAK_HELP = """tweaks (@name in a --variant, or the built-in variant of that na
   @ema_loop        EMA update as a per-parameter Python loop (the original's way), for reference
   @workers=N       N loader worker processes (started untimed at every round, stopped after it)
   @threads=N       torch.set_num_threads(N) while this variant runs
+  @bf16            forward pass (encoder, UNet, loss) under torch.autocast("cpu", torch.bfloat16); the
+                   backward follows the autocast graph, weights and optimizer stay float32
   @backbone_width=N  the hybrid encoder's ResNet-18 trunks rebuilt with N base channels instead of 64
                    (RobomimicStyleObsEncoder(backbone_width=N); the hybrid policy does not pass it yet)
 """
@@ -459,7 +463,8 @@ def one_step(v: Variant) -> tuple[float, dict[str, float]]:
         batch["obs"]["image"] = batch["obs"]["image"].float().div_(255.0)
     batch = dict_apply(batch, lambda x: x.to("cpu"))
     t1 = time.perf_counter()
-    loss = v.model.compute_loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(v.tweaks.get("bf16"))):
+        loss = v.model.compute_loss(batch)
     t2 = time.perf_counter()
     loss.backward()
     t3 = time.perf_counter()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -223,3 +224,44 @@ def test_plot_learning_curves_writes_png(two_seeds, tmp_path):
 
     h, w = matplotlib.image.imread(str(out)).shape[:2]
     assert h > 400 and w > 600
+
+
+def _write_ramp_video(path, n_frames: int) -> None:
+    """An mp4 whose frame i is uniformly grey level 20 * i (easy to recognise after h264)."""
+    from diffusion_policy.gym_util.video_recorder import VideoRecorder
+
+    rec = VideoRecorder(fps=10, crf=10)
+    rec.start(str(path))
+    for i in range(n_frames):
+        rec.write_frame(np.full((32, 48, 3), 20 * i, dtype=np.uint8))
+    rec.stop()
+
+
+def test_video_filmstrip_keeps_first_last_and_evenly_spaced_frames(tmp_path):
+    from PIL import Image
+
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    _write_ramp_video(a, 10)
+    _write_ramp_video(b, 3)  # fewer frames than asked: all of them, the rest of the row stays white
+    out = tmp_path / "strip.png"
+    proc = _script("video_filmstrip.py", str(a), str(b), "--frames", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    img = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    gap = 2
+    assert img.shape == (2 * 32 + gap, 4 * 48 + gap * 3, 3)
+
+    def tile(r, c):
+        return img[r * (32 + gap) : r * (32 + gap) + 32, c * (48 + gap) : c * (48 + gap) + 48].mean()
+
+    # 10 frames, 4 kept: indices 0, 3, 6, 9 -> grey 0, 60, 120, 180 (h264 at crf 10: within a few levels)
+    for c, level in enumerate((0, 60, 120, 180)):
+        assert abs(tile(0, c) - level) < 6, (c, tile(0, c))
+    for c, level in enumerate((0, 20, 40)):
+        assert abs(tile(1, c) - level) < 6, (c, tile(1, c))
+    assert tile(1, 3) == 255.0
+
+
+def test_video_filmstrip_names_a_missing_video(tmp_path):
+    proc = _script("video_filmstrip.py", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "s.png"))
+    assert proc.returncode == 2 and "no such video" in proc.stderr and "nope.mp4" in proc.stderr
+    assert not (tmp_path / "s.png").exists()

@@ -138,6 +138,7 @@ RULES = [
     (["dataloader.num_workers=100000"], ["dataloader.num_workers=100000", "[0, 1024]"]),
     (["training.num_epochs=2.5"], ["training.num_epochs=2.5", "an integer"]),
     (["training.seed=-1"], ["training.seed=-1"]),
+    (["training.mixed_precision=fp16"], ["training.mixed_precision", "fp16", "'bf16'"]),
     (["training.device=gpu"], ["training.device='gpu'", "cuda:N"]),
     (["training.use_ema=maybe"], ["training.use_ema='maybe'", "true or false"]),
     (["training.lr_scheduler=cosin"], ["training.lr_scheduler='cosin'", "cosine"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -57,3 +58,31 @@ def test_cpu_image_recipe_trains_two_tiny_epochs_and_evaluates(pusht_zarr_path, 
     out = tmp_path / "eval"
     assert_ok(run_cli(["eval.py", "-c", str(run_dir / "checkpoints" / "latest.ckpt"), "-o", str(out)]))
     assert 0.0 <= json.loads((out / "eval_log.json").read_text())["test/mean_score"] <= 1.0
+
+
+def test_training_autocast_runs_the_forward_in_bfloat16_only_when_asked():
+    from diffusion_policy.common.pytorch_util import training_autocast
+
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    with training_autocast("cpu", "bf16"):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32
+    with training_autocast("cpu", None):
+        assert conv(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16"):
+        training_autocast("cpu", "fp16")
+
+
+def test_cpu_image_recipe_trains_with_bf16_mixed_precision(pusht_zarr_path, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train.py", f"--config-name={HYBRID}", *RECIPE, *SHRINK, "training.mixed_precision=bf16"]
+    args += [f"task.dataset.zarr_path={pusht_zarr_path}", f"hydra.run.dir={run_dir}"]
+    assert_ok(run_cli(args))
+    logs = [json.loads(line) for line in (run_dir / "logs.json.txt").read_text().splitlines()]
+    losses = [r["train_loss"] for r in logs if "train_loss" in r]
+    assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
+    policy, cfg = load_policy(run_dir / "checkpoints" / "latest.ckpt", "cpu")
+    assert cfg.training.mixed_precision == "bf16"
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # weights stay float32

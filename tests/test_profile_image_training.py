@@ -66,10 +66,10 @@ def test_smoke_profile_rows(prof, pusht_zarr_path, tmp_path):
 def test_smoke_ab_rows(prof, pusht_zarr_path, tmp_path):
     out = tmp_path / "ab.jsonl"
     argv = ["--smoke", "--threads", "1", "--zarr", pusht_zarr_path, "--out", str(out), "--repeats", "2"]
-    argv += ["--ab", "baseline,uint8", "--variant", "small=policy.crop_shape=[40,40] @adamw_foreach"]
+    argv += ["--ab", "baseline,uint8,bf16", "--variant", "small=policy.crop_shape=[40,40] @adamw_foreach"]
     assert prof.main(argv) == 0
     rows = {r["name"]: r for r in _rows(out)}
-    for v in ("baseline", "uint8", "small"):
+    for v in ("baseline", "uint8", "bf16", "small"):
         for metric, unit in (("step_ms", "ms"), ("speedup", "x"), ("samples_per_s", "samples/s")):
             assert rows[f"ab.{v}.{metric}"]["unit"] == unit
         config = rows[f"ab.{v}.step_ms"]["config"]

@@ -109,6 +109,9 @@ class TrainingBlock(_Block):
     max_val_steps: _int(1, optional=True) = None
     tqdm_interval_sec: _num("a number >= 0", ge=0) = 1.0
     deterministic: Bool = False
+    mixed_precision: Annotated[
+        Literal["bf16"] | None, Field(description="null (float32) or 'bf16' (bfloat16 autocast)")
+    ] = None
 
 
 class LoaderBlock(_Block):

@@ -20,3 +20,19 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device | str) -
             if isinstance(v, torch.Tensor):
                 state[k] = v.to(device=device)
     return optimizer
+
+
+MIXED_PRECISION = {None: None, "bf16": torch.bfloat16}
+
+
+def training_autocast(device: torch.device | str, mixed_precision: str | None) -> torch.autocast:
+    """The autocast context of a training forward pass: ``None`` = float32 (off), ``"bf16"`` = bfloat16.
+
+    Only the forward runs in reduced precision; backward follows the recorded graph and the weights, their
+    gradients, the optimizer and the EMA stay float32. No loss scaling: bfloat16 has float32's range.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision={mixed_precision!r}: choose null (float32) or 'bf16'")
+    device_type = torch.device(device).type
+    dtype = MIXED_PRECISION[mixed_precision]
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

@@ -45,7 +45,7 @@ from diffusion_policy.common.config_schema import ConfigSource, validate_config
 from diffusion_policy.common.device_util import resolve_device
 from diffusion_policy.common.errors import ConfigError, RunInterrupted, WorkerDiedError
 from diffusion_policy.common.json_logger import JsonLogger
-from diffusion_policy.common.pytorch_util import dict_apply, optimizer_to
+from diffusion_policy.common.pytorch_util import dict_apply, optimizer_to, training_autocast
 from diffusion_policy.common.wandb_logger import WandbLogger
 from diffusion_policy.model.common.lr_scheduler import get_scheduler
 from diffusion_policy.workspace.base_workspace import BaseWorkspace
@@ -417,7 +417,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             data_s += time.perf_counter() - tic
             tic = time.perf_counter()
             batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
-            raw_loss = train_module(batch)
+            with training_autocast(device, t.get("mixed_precision")):
+                raw_loss = train_module(batch)
             (raw_loss / accum).backward()
             if (batch_idx + 1) % accum == 0:
                 self.optimizer.step()
