@@ -104,10 +104,9 @@ TWEAKS = (
     "ema_loop",
     "workers",
     "threads",
-    "backbone_width",
     "bf16",
 )
-COUNT_TWEAKS = ("workers", "threads", "backbone_width")
+COUNT_TWEAKS = ("workers", "threads")
 BUILTIN_VARIANTS = {
     "baseline": "",
     "channels_last": "@channels_last",
@@ -132,10 +131,8 @@ TWEAK_HELP = """tweaks (@name in a --variant, or the built-in variant of that na
   @ema_loop        EMA update as a per-parameter Python loop (the original's way), for reference
   @workers=N       N loader worker processes (started untimed at every round, stopped after it)
   @threads=N       torch.set_num_threads(N) while this variant runs
-  @bf16            forward pass (encoder, UNet, loss) under torch.autocast("cpu", torch.bfloat16); the
-                   backward follows the autocast graph, weights and optimizer stay float32
-  @backbone_width=N  the hybrid encoder's ResNet-18 trunks rebuilt with N base channels instead of 64
-                   (RobomimicStyleObsEncoder(backbone_width=N); the hybrid policy does not pass it yet)
+  @bf16            forward pass (encoder, UNet, loss) in bfloat16 autocast, as training.mixed_precision=bf16
+                   does; the backward follows the autocast graph, weights and optimizer stay float32
 """
 
 
@@ -243,30 +240,6 @@ class Uint8Frames(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------------------------------
 # building a variant
-
-
-def set_backbone_width(encoder: torch.nn.Module, width: int) -> None:
-    """Rebuild every VisualCore of a RobomimicStyleObsEncoder with a ``width``-channel ResNet-18 trunk;
-    feature size, keypoints, crop and norm stay, so the policy's UNet conditioning is unchanged."""
-    from diffusion_policy.model.vision.robomimic_style_obs_encoder import (
-        RobomimicStyleObsEncoder,
-        VisualCore,
-    )
-
-    if not isinstance(encoder, RobomimicStyleObsEncoder):
-        raise SystemExit(
-            "@backbone_width needs the hybrid recipe's RobomimicStyleObsEncoder, not "
-            f"{type(encoder).__name__}; "
-            "for the image recipe use policy.obs_encoder.rgb_model.width=N"
-        )
-    for key in encoder.rgb_keys:
-        old = encoder.obs_nets[key]
-        randomizer = encoder.obs_randomizers[key]
-        shape = randomizer.output_shape() if randomizer is not None else encoder.obs_shapes[key]
-        group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in old.modules())
-        encoder.obs_nets[key] = VisualCore(
-            shape, old.nets[3].out_features, old.pool.num_kp, group_norm, backbone_width=width
-        )
 
 
 @dataclass
@@ -378,8 +351,6 @@ class Builder:
             raise SystemExit(
                 f"{type(model).__name__} has no obs_encoder; this script profiles image policies"
             )
-        if "backbone_width" in v.tweaks:
-            set_backbone_width(model.obs_encoder, v.tweaks["backbone_width"])
         model.set_normalizer(dataset.get_normalizer())
         ema_model = copy.deepcopy(model)
         if v.tweaks.get("channels_last"):
@@ -450,7 +421,7 @@ def end_round(v: Variant) -> None:
 
 def one_step(v: Variant) -> tuple[float, dict[str, float]]:
     """One training step; returns its wall time (s) and per-stage times (s)."""
-    from diffusion_policy.common.pytorch_util import dict_apply
+    from diffusion_policy.common.pytorch_util import dict_apply, training_autocast
 
     clock = v.clock
     clock.reset()
@@ -463,7 +434,7 @@ def one_step(v: Variant) -> tuple[float, dict[str, float]]:
         batch["obs"]["image"] = batch["obs"]["image"].float().div_(255.0)
     batch = dict_apply(batch, lambda x: x.to("cpu"))
     t1 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(v.tweaks.get("bf16"))):
+    with training_autocast("cpu", "bf16" if v.tweaks.get("bf16") else None):
         loss = v.model.compute_loss(batch)
     t2 = time.perf_counter()
     loss.backward()

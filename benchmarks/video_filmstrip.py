@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [v for v in args.videos if not os.path.isfile(v)]
     if missing:
         parser.error(f"no such video: {missing[0]}")
-    strip = filmstrip(args.videos, args.frames)
+    try:
+        strip = filmstrip(args.videos, args.frames)
+    except (ValueError, av.error.FFmpegError) as e:
+        parser.error(f"cannot make the strip: {e}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=out_dir)

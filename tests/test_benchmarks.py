@@ -265,3 +265,7 @@ def test_video_filmstrip_names_a_missing_video(tmp_path):
     proc = _script("video_filmstrip.py", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "s.png"))
     assert proc.returncode == 2 and "no such video" in proc.stderr and "nope.mp4" in proc.stderr
     assert not (tmp_path / "s.png").exists()
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    proc = _script("video_filmstrip.py", str(tmp_path / "junk.mp4"), "--out", str(tmp_path / "s.png"))
+    assert proc.returncode == 2 and "junk.mp4" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s.png").exists()

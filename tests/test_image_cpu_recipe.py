@@ -71,6 +71,11 @@ def test_training_autocast_runs_the_forward_in_bfloat16_only_when_asked():
     assert conv.weight.grad.dtype == torch.float32
     with training_autocast("cpu", None):
         assert conv(x).dtype == torch.float32
+    reused = training_autocast("cpu", "bf16")  # built once per epoch, entered at every step
+    for _ in range(2):
+        with reused:
+            assert conv(x).dtype == torch.bfloat16
+        assert conv(x).dtype == torch.float32
     with pytest.raises(ValueError, match="fp16"):
         training_autocast("cpu", "fp16")
 

@@ -22,7 +22,8 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device | str) -
     return optimizer
 
 
-MIXED_PRECISION = {None: None, "bf16": torch.bfloat16}
+# training.mixed_precision -> autocast dtype (None, the default, is float32 throughout)
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 
 
 def training_autocast(device: torch.device | str, mixed_precision: str | None) -> torch.autocast:
@@ -30,9 +31,9 @@ def training_autocast(device: torch.device | str, mixed_precision: str | None) -
 
     Only the forward runs in reduced precision; backward follows the recorded graph and the weights, their
     gradients, the optimizer and the EMA stay float32. No loss scaling: bfloat16 has float32's range.
+    The returned context can be entered again and again (once per step).
     """
-    if mixed_precision not in MIXED_PRECISION:
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_DTYPES:
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose null (float32) or 'bf16'")
-    device_type = torch.device(device).type
-    dtype = MIXED_PRECISION[mixed_precision]
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    dtype = MIXED_PRECISION_DTYPES.get(mixed_precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

@@ -401,6 +401,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         self.model.train()
         n_batches = len(loader) if t.max_train_steps is None else min(len(loader), t.max_train_steps)
         accum = t.gradient_accumulate_every
+        autocast = training_autocast(device, t.get("mixed_precision"))
         losses: list[float] = []
         data_s = step_s = 0.0
         step_log: dict[str, Any] = {}
@@ -417,7 +418,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             data_s += time.perf_counter() - tic
             tic = time.perf_counter()
             batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
-            with training_autocast(device, t.get("mixed_precision")):
+            with autocast:
                 raw_loss = train_module(batch)
             (raw_loss / accum).backward()
             if (batch_idx + 1) % accum == 0:
