@@ -4,6 +4,7 @@ recipe, and it trains two tiny epochs end to end with its real hyper-parameters,
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def test_cpu_image_recipe_is_the_paper_recipe_shrunk():
     assert cpu.policy.obs_encoder_backbone_width == 32 and list(cpu.policy.down_dims) == [64, 128, 256]
     assert cpu.policy.noise_scheduler._target_.endswith("DDIMScheduler")
     assert cpu.optimizer.fused is True and cpu.dataloader.num_workers == 0
+    assert cpu.training.mixed_precision == "bf16" and paper.training.mixed_precision is None
     assert cpu.shape_meta == paper.shape_meta and cpu.horizon == paper.horizon
     policy = instantiate(cpu.policy)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -53,8 +55,9 @@ def test_cpu_image_recipe_trains_two_tiny_epochs_and_evaluates(pusht_zarr_path, 
     logs = [json.loads(line) for line in (run_dir / "logs.json.txt").read_text().splitlines()]
     assert [r["epoch"] for r in logs if "test/mean_score" in r] == [0, 1]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in logs if "train_loss" in r)
-    _, cfg = load_policy(run_dir / "checkpoints" / "latest.ckpt", "cpu")
-    assert cfg.policy.obs_encoder_backbone_width == 32
+    policy, cfg = load_policy(run_dir / "checkpoints" / "latest.ckpt", "cpu")
+    assert cfg.policy.obs_encoder_backbone_width == 32 and cfg.training.mixed_precision == "bf16"
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # bf16 autocast keeps float32 weights
     out = tmp_path / "eval"
     assert_ok(run_cli(["eval.py", "-c", str(run_dir / "checkpoints" / "latest.ckpt"), "-o", str(out)]))
     assert 0.0 <= json.loads((out / "eval_log.json").read_text())["test/mean_score"] <= 1.0
@@ -80,14 +83,25 @@ def test_training_autocast_runs_the_forward_in_bfloat16_only_when_asked():
         training_autocast("cpu", "fp16")
 
 
-def test_cpu_image_recipe_trains_with_bf16_mixed_precision(pusht_zarr_path, tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["train.py", f"--config-name={HYBRID}", *RECIPE, *SHRINK, "training.mixed_precision=bf16"]
-    args += [f"task.dataset.zarr_path={pusht_zarr_path}", f"hydra.run.dir={run_dir}"]
-    assert_ok(run_cli(args))
-    logs = [json.loads(line) for line in (run_dir / "logs.json.txt").read_text().splitlines()]
-    losses = [r["train_loss"] for r in logs if "train_loss" in r]
-    assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
-    policy, cfg = load_policy(run_dir / "checkpoints" / "latest.ckpt", "cpu")
-    assert cfg.training.mixed_precision == "bf16"
-    assert all(p.dtype == torch.float32 for p in policy.parameters())  # weights stay float32
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "mixed_precision", "warns"),
+    [
+        (False, False, "bf16", True),
+        (True, False, "bf16", False),
+        (False, True, "bf16", False),
+        (False, False, None, False),
+    ],
+)
+def test_bf16_on_a_cpu_without_bfloat16_units_warns(monkeypatch, avx512_bf16, amx, mixed_precision, warns):
+    from diffusion_policy.common import pytorch_util
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pytorch_util.warn_if_bf16_is_emulated("cpu", mixed_precision) is warns
+    assert len(caught) == int(warns)
+    if warns:
+        assert "training.mixed_precision=null" in str(caught[0].message)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert pytorch_util.has_native_bf16("cpu") is None  # a torch without the probe: no false alarm

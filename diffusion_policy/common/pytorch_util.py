@@ -1,7 +1,8 @@
-"""Small helpers for nested dicts of tensors and optimizer state."""
+"""Small helpers for nested dicts of tensors, optimizer state and mixed-precision training."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,3 +38,37 @@ def training_autocast(device: torch.device | str, mixed_precision: str | None) -
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose null (float32) or 'bf16'")
     dtype = MIXED_PRECISION_DTYPES.get(mixed_precision)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def has_native_bf16(device: torch.device | str) -> bool | None:
+    """Whether ``device`` computes bfloat16 in hardware; ``None`` when torch cannot tell.
+
+    CPU: AVX-512-BF16 or AMX (without them bfloat16 math is emulated through float32 conversions, which can
+    cost more time than the narrower type saves). CUDA: compute capability 8.0 or newer.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return None
+    # private helpers of torch.cpu (present since torch 2.3); absent -> unknown, never a false alarm
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, name, None) for name in names]
+    if any(p is None for p in probes):
+        return None
+    return any(p() for p in probes)
+
+
+def warn_if_bf16_is_emulated(device: torch.device | str, mixed_precision: str | None) -> bool:
+    """Warn once when bfloat16 autocast is asked for on hardware without bfloat16 units; True if it warned."""
+    if mixed_precision != "bf16" or has_native_bf16(device) is not False:
+        return False
+    warnings.warn(
+        f"training.mixed_precision=bf16 on a {torch.device(device).type} without native bfloat16 "
+        "(CPU: AVX-512-BF16 or AMX; GPU: compute capability 8.0+): it is emulated and may be slower than "
+        "float32; set training.mixed_precision=null (or compare: benchmarks/profile_image_training.py --ab "
+        "baseline,bf16)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True

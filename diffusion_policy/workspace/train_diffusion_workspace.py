@@ -45,7 +45,12 @@ from diffusion_policy.common.config_schema import ConfigSource, validate_config
 from diffusion_policy.common.device_util import resolve_device
 from diffusion_policy.common.errors import ConfigError, RunInterrupted, WorkerDiedError
 from diffusion_policy.common.json_logger import JsonLogger
-from diffusion_policy.common.pytorch_util import dict_apply, optimizer_to, training_autocast
+from diffusion_policy.common.pytorch_util import (
+    dict_apply,
+    optimizer_to,
+    training_autocast,
+    warn_if_bf16_is_emulated,
+)
 from diffusion_policy.common.wandb_logger import WandbLogger
 from diffusion_policy.model.common.lr_scheduler import get_scheduler
 from diffusion_policy.workspace.base_workspace import BaseWorkspace
@@ -279,6 +284,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             self.ema_model.to(device)
         optimizer_to(self.optimizer, device)
         train_module = distributed.wrap_for_training(self.model, dist_info, device)
+        if dist_info.is_main:
+            warn_if_bf16_is_emulated(device, cfg.training.get("mixed_precision"))
         # data-parallel ranks agree on a stop at every check, so none is left waiting in an all-reduce
         self.stop_sync = all_ranks_flag(device) if dist_info.enabled else None
 
