@@ -60,7 +60,7 @@ def has_native_bf16(device: torch.device | str) -> bool | None:
 
 
 def warn_if_bf16_is_emulated(device: torch.device | str, mixed_precision: str | None) -> bool:
-    """Warn once when bfloat16 autocast is asked for on hardware without bfloat16 units; True if it warned."""
+    """Warn when bfloat16 autocast is asked for on hardware without bfloat16 units; True if it warned."""
     if mixed_precision != "bf16" or has_native_bf16(device) is not False:
         return False
     warnings.warn(
