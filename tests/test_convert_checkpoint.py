@@ -4,7 +4,10 @@ into checkpoints that evaluate, plan and resume training like native ones (CPU, 
 The fixtures cannot run the original code; they are written the way its ``BaseWorkspace.save_checkpoint``
 writes (same payload layout, a resolved Hydra ``DictConfig`` with its ``${now:}`` resolver cache,
 ``state_dict()``s copied to CPU as its saving thread does, ``dill.dumps`` counters) from this framework's own
-policies, whose parameter names, shapes and math are the original's.
+policies, whose parameter names, shapes and math are the original's. The order is the original's, taken from
+``fixtures/original_parameter_order.json`` (data read off the original code), not from this framework's
+classes: parameters come first in the model state dicts in that order, and the AdamW state is stored by
+position in the original's optimizer groups.
 """
 
 from __future__ import annotations
@@ -64,6 +67,13 @@ POLICY_CONFIGS = [
     ("train_diffusion_transformer_hybrid_workspace", ["debug=smoke_transformer_image"]),
 ]
 LOWDIM = POLICY_CONFIGS[0]
+UNET_CONFIGS = POLICY_CONFIGS[:3]
+ORIGINAL_ORDER = {
+    entry["config_name"]: entry
+    for entry in json.loads((REPO_ROOT / "tests" / "fixtures" / "original_parameter_order.json").read_text())[
+        "policies"
+    ].values()
+}
 
 register_resolvers()
 
@@ -125,6 +135,78 @@ def _normalizer(cfg: DictConfig, batch: dict[str, Any]) -> LinearNormalizer:
     return normalizer
 
 
+def original_optimizer_groups(config_name: str) -> list[list[str]]:
+    """Parameter names of each AdamW group, in the order of the original's ``parameters()`` /
+    ``get_optimizer()``: the order its checkpoints store moments in."""
+    entry = ORIGINAL_ORDER[config_name]
+    return entry.get("optimizer_groups", [entry["named_parameters"]])
+
+
+def in_original_layout(config_name: str, workspace: Any) -> dict[str, dict]:
+    """model / ema_model / optimizer state dicts laid out as the original's code lays them out."""
+    names = ORIGINAL_ORDER[config_name]["named_parameters"]
+    layout = {}
+    for part in ("model", "ema_model"):
+        sd = getattr(workspace, part).state_dict()
+        assert set(names) <= set(sd), f"{part} lacks parameters the original has"
+        layout[part] = {k: sd[k] for k in names} | {k: v for k, v in sd.items() if k not in names}
+    # the optimizer's state re-keyed from this code's positions to the original's
+    optimizer = workspace.optimizer
+    ours = optimizer.state_dict()
+    name_of = {id(p): n for n, p in workspace.model.named_parameters()}
+    position = {
+        name_of[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
+    }
+    groups = original_optimizer_groups(config_name)
+    flat = [n for group in groups for n in group]
+    assert sorted(flat) == sorted(position), "the optimizer holds other parameters than the original's"
+    state = {i: ours["state"][position[n]] for i, n in enumerate(flat) if position[n] in ours["state"]}
+    offsets = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    param_groups = [
+        {**{k: v for k, v in ours_group.items() if k != "params"}, "params": list(range(o, o + len(g)))}
+        for ours_group, g, o in zip(ours["param_groups"], groups, offsets, strict=True)
+    ]
+    layout["optimizer"] = {"state": state, "param_groups": param_groups}
+    return layout
+
+
+def train_steps(workspace: Any, lr_scheduler: Any, ema: Any, batches: list[dict[str, Any]]) -> None:
+    """The original's training step on each batch (loss noise drawn from the global torch RNG)."""
+    workspace.model.train()
+    for batch in batches:
+        loss = workspace.model.compute_loss(batch)
+        loss.backward()
+        workspace.optimizer.step()
+        workspace.optimizer.zero_grad()
+        lr_scheduler.step()
+        ema.step(workspace.model)
+
+
+def assert_optimizer_state_by_name(
+    payload: dict, run: OriginalRun, groups: list[list[str]], tmp: Path
+) -> None:
+    """A workspace loaded from the converted ``payload`` holds, for every parameter name, the source run's
+    optimizer state of the parameter of that name, and each group's hyperparameters."""
+    cfg = OmegaConf.create(payload["cfg_yaml"])
+    converted = get_class(cfg._target_)(cfg, output_dir=str(tmp))
+    converted.load_payload(payload, attrs=("model", "optimizer"))
+    got_params, want_params = (
+        dict(converted.model.named_parameters()),
+        dict(run.workspace.model.named_parameters()),
+    )
+    got_opt, want_opt = converted.optimizer, run.workspace.optimizer
+    for names, got_group, want_group in zip(groups, got_opt.param_groups, want_opt.param_groups, strict=True):
+        assert [id(p) for p in got_group["params"]] == [id(got_params[n]) for n in names]
+        for key in ("lr", "initial_lr", "weight_decay", "betas"):
+            assert got_group[key] == want_group[key], key
+        for name in names:
+            got, want = got_opt.state.get(got_params[name], {}), want_opt.state.get(want_params[name], {})
+            assert got.keys() == want.keys(), name
+            for key, value in want.items():
+                assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(value)), f"{name} {key}"
+    assert len(got_opt.state) == len(want_opt.state) > 0
+
+
 def compose_original_cfg(config_name: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name=config_name, overrides=list(overrides))
@@ -159,14 +241,7 @@ def write_original_checkpoint(
         last_epoch=-1,
     )
     ema = instantiate(cfg.ema, model=workspace.ema_model)
-    workspace.model.train()
-    for batch in batches:
-        loss = workspace.model.compute_loss(batch)
-        loss.backward()
-        workspace.optimizer.step()
-        workspace.optimizer.zero_grad()
-        lr_scheduler.step()
-        ema.step(workspace.model)
+    train_steps(workspace, lr_scheduler, ema, batches)
     # saved before the end-of-epoch increments: epoch index 0, global_step = steps done - 1
     epoch, global_step = 0, n_steps - 1
     if edit_cfg is not None:
@@ -174,10 +249,7 @@ def write_original_checkpoint(
             edit_cfg(cfg)
     payload = {
         "cfg": cfg,
-        "state_dicts": {
-            name: _copy_to_cpu(getattr(workspace, name).state_dict())
-            for name in ("model", "ema_model", "optimizer")
-        },
+        "state_dicts": _copy_to_cpu(in_original_layout(config_name, workspace)),
         "pickles": {
             "_output_dir": dill.dumps(str(path.parent)),
             "global_step": dill.dumps(global_step),
@@ -267,15 +339,8 @@ def test_conversion_keeps_weights_and_actions_bit_for_bit(config_name, overrides
         assert sd[name].keys() == source.keys()
         for k, v in source.items():
             assert torch.equal(sd[name][k], v), f"{name}.{k}"
-    source_opt = run.workspace.optimizer.state_dict()
-    for got_group, want_group in zip(
-        sd["optimizer"]["param_groups"], source_opt["param_groups"], strict=True
-    ):
-        for key in ("params", "lr", "initial_lr", "weight_decay", "betas"):
-            assert got_group[key] == want_group[key], key
-    for i, state in source_opt["state"].items():
-        for k, v in state.items():
-            assert torch.equal(torch.as_tensor(sd["optimizer"]["state"][i][k]), torch.as_tensor(v)), k
+    # every AdamW moment sits on the parameter of its name, in the group the original put it in
+    assert_optimizer_state_by_name(payload, run, original_optimizer_groups(config_name), tmp_path)
     # what the original never saved comes back as the run that wrote the file had it
     assert sd["ema"] == run.ema.state_dict()
     sched = run.lr_scheduler.state_dict()
@@ -297,6 +362,116 @@ def test_conversion_keeps_weights_and_actions_bit_for_bit(config_name, overrides
     assert torch.equal(got["action"], want["action"])
     assert torch.equal(got["action_pred"], want["action_pred"])
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(run.cfg)
+
+
+@pytest.mark.parametrize(("config_name", "overrides"), POLICY_CONFIGS, ids=[c for c, _ in POLICY_CONFIGS])
+def test_training_on_from_the_converted_file_equals_training_on_from_the_source(
+    config_name, overrides, tmp_path, capsys
+):
+    """The next steps from the converted file give the weights the source run gets with its own, correctly
+    placed, AdamW moments."""
+    src, out = tmp_path / "original.ckpt", tmp_path / "converted.ckpt"
+    n_steps = 2
+    run = write_original_checkpoint(src, config_name, overrides, n_steps=n_steps)
+    code, _, stderr = convert_in_process(capsys, src, out)
+    assert code == 0, stderr
+    payload = load_checkpoint_file(out)
+    cfg = OmegaConf.create(payload["cfg_yaml"])
+    workspace = get_class(cfg._target_)(cfg, output_dir=str(tmp_path))
+    t = cfg.training
+    # the source run's schedule: the converted file positions it, the resuming run supplies its length
+    workspace.lr_scheduler = get_scheduler(
+        t.lr_scheduler,
+        optimizer=workspace.optimizer,
+        num_warmup_steps=t.lr_warmup_steps,
+        num_training_steps=n_steps * t.num_epochs,
+    )
+    workspace.ema = instantiate(cfg.ema, model=workspace.ema_model)
+    workspace.load_payload(payload, restore_rng=False)
+
+    torch.manual_seed(3)
+    batches = [_random_batch(cfg) for _ in range(3)]
+    torch.manual_seed(5)
+    train_steps(workspace, workspace.lr_scheduler, workspace.ema, batches)
+    torch.manual_seed(5)
+    train_steps(run.workspace, run.lr_scheduler, run.ema, batches)
+    for part in ("model", "ema_model"):
+        want = getattr(run.workspace, part).state_dict()
+        got = getattr(workspace, part).state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=f"{part}.{key}")
+    changed = [
+        k
+        for k, v in run.workspace.model.state_dict().items()
+        if not torch.equal(v, payload["state_dicts"]["model"][k])
+    ]
+    assert changed, "the extra steps did not train"
+
+
+def _reverse_parameter_order(payload: dict) -> None:
+    """Lay the lowdim file out in the reverse parameter order, consistently: as if the writer had registered
+    its modules the other way round."""
+    names = ORIGINAL_ORDER[LOWDIM[0]]["named_parameters"]
+    state_dicts = payload["state_dicts"]
+    for part in ("model", "ema_model"):
+        sd = state_dicts[part]
+        state_dicts[part] = {k: sd[k] for k in reversed(names)} | {
+            k: v for k, v in sd.items() if k not in names
+        }
+    opt = state_dicts["optimizer"]
+    n = len(names)
+    opt["state"] = {n - 1 - i: v for i, v in opt["state"].items()}
+    assert opt["param_groups"][0]["params"] == list(range(n))
+
+
+def test_any_consistent_parameter_order_converts_the_same(tmp_path, capsys):
+    run = write_original_checkpoint(tmp_path / "original.ckpt", *LOWDIM, n_steps=2)
+    src = tmp_path / "reversed.ckpt"
+    write_original_checkpoint(src, *LOWDIM, n_steps=2, edit_payload=_reverse_parameter_order)
+    code, _, stderr = convert_in_process(capsys, src, tmp_path / "converted.ckpt")
+    assert code == 0, stderr
+    payload = load_checkpoint_file(tmp_path / "converted.ckpt")
+    assert_optimizer_state_by_name(payload, run, original_optimizer_groups(LOWDIM[0]), tmp_path)
+
+
+def test_moments_that_do_not_fit_their_parameters_are_refused(tmp_path, capsys):
+    # the model state dict in one order, the moments in another: the first parameter's moment has the
+    # shape of the last parameter, and the converter says so instead of loading it
+    def reorder_model_only(payload: dict) -> None:
+        names = ORIGINAL_ORDER[LOWDIM[0]]["named_parameters"]
+        sd = payload["state_dicts"]["model"]
+        payload["state_dicts"]["model"] = {k: sd[k] for k in reversed(names)} | {
+            k: v for k, v in sd.items() if k not in names
+        }
+
+    src, out = tmp_path / "mixed.ckpt", tmp_path / "out.ckpt"
+    write_original_checkpoint(src, *LOWDIM, n_steps=1, edit_payload=reorder_model_only)
+    code, _, stderr = convert_in_process(capsys, src, out)
+    assert_one_line_error(code, stderr, "mixed.ckpt", "optimizer state 'exp_avg' of parameter", "has shape")
+    assert not out.exists()
+
+
+def test_readme_example_runs_as_written(tmp_path):
+    """The README's two commands under "Open the original's checkpoints", run as written on a file the
+    original's way (the state UNet policy, as its example), from a directory holding that file."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Open the original's checkpoints", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].split() for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands] == [["python", "convert_checkpoint.py"], ["python", "eval.py"]]
+    source = commands[0][2]
+    write_original_checkpoint(tmp_path / source, *LOWDIM, n_steps=2)
+    for command in commands:
+        script = str(REPO_ROOT / command[1])
+        proc = subprocess.run(
+            [sys.executable, script, *command[2:]], cwd=tmp_path, env=ENV, capture_output=True, text=True
+        )
+        assert_ok(proc)
+    converted = tmp_path / commands[0][3]
+    assert load_checkpoint_file(converted)["state"]["epoch"] == 1
+    out_dir = tmp_path / commands[1][commands[1].index("-o") + 1]
+    log = json.loads((out_dir / "eval_log.json").read_text())
+    assert set(log) >= {"test/mean_score", "test/success_rate"}
 
 
 def test_reader_returns_plain_data_only(lowdim_original):

@@ -396,18 +396,6 @@ def _caller_rng_kept() -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
-def _check_optimizer_lines_up(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state is keyed by parameter position; make sure each moment has its parameter's shape."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
-                    raise CheckpointError(
-                        f"checkpoint {path}: optimizer state '{name}' has shape {list(value.shape)} where "
-                        f"this code's parameter has {list(p.shape)}; the parameter order differs"
-                    )
-
-
 @dataclass
 class ConversionResult:
     output: Path
@@ -481,12 +469,13 @@ def convert_original_checkpoint(
                 f"checkpoint {path}: its config does not build with this code ({_first_line(e)})"
             ) from None
 
-        # the original's model, EMA model and optimizer (load_payload checks keys and shapes)
+        # the original's model, EMA model and optimizer: load_payload checks keys and shapes, and places
+        # each AdamW moment on the parameter of its name, read from the order of the file's own model
+        # state dict (the original stores no names; see optimizer_state)
         kept = tuple(a for a in ("model", "ema_model", "optimizer") if a in state_attrs)
         workspace.load_payload(
             {"state_dicts": original.state_dicts, "state": {}}, attrs=kept, source=str(path)
         )
-        _check_optimizer_lines_up(path, workspace.optimizer)
 
         # positioned as a fresh run at this point would have them:
         # the LR schedule at global_step, with the original's base and current learning rates (the private

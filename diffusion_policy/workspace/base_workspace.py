@@ -22,6 +22,7 @@ from diffusion_policy.common.checkpoint_io import (
     save_checkpoint_file,
 )
 from diffusion_policy.common.errors import CheckpointError
+from diffusion_policy.common.optimizer_state import place_by_name, with_param_names
 
 
 class BaseWorkspace:
@@ -29,6 +30,9 @@ class BaseWorkspace:
     state_attrs: ClassVar[tuple[str, ...]] = ()
     # attributes holding plain values (int, float, str, None, dicts/lists of those)
     value_attrs: ClassVar[tuple[str, ...]] = ()
+    # optimizer attribute -> the module attribute that names its parameters: their state is saved with
+    # parameter names and loaded by name (``optimizer_state``), never by position alone
+    optimizer_modules: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike | None = None):
         self.cfg = cfg
@@ -53,13 +57,19 @@ class BaseWorkspace:
         payload = {
             "cfg_yaml": OmegaConf.to_yaml(self.cfg, resolve=True),
             "state_dicts": {
-                name: _to_cpu(getattr(self, name).state_dict())
+                name: _to_cpu(self._state_dict_of(name))
                 for name in self.state_attrs
                 if getattr(self, name, None) is not None
             },
             "state": {name: getattr(self, name) for name in self.value_attrs} | {"rng": self.rng_state()},
         }
         return save_checkpoint_file(payload, path)
+
+    def _state_dict_of(self, name: str) -> dict[str, Any]:
+        state = getattr(self, name).state_dict()
+        if name in self.optimizer_modules:
+            state = with_param_names(state, getattr(self, name), getattr(self, self.optimizer_modules[name]))
+        return state
 
     # ----- load -----
     def load_checkpoint(
@@ -89,8 +99,18 @@ class BaseWorkspace:
                 continue
             if name not in payload["state_dicts"]:
                 raise CheckpointError(f"checkpoint {source} has no state for '{name}'")
+            state = payload["state_dicts"][name]
+            if name in self.optimizer_modules:
+                module = self.optimizer_modules[name]
+                state = place_by_name(
+                    state,
+                    target,
+                    getattr(self, module),
+                    saved_model_keys=payload["state_dicts"].get(module, {}).keys(),
+                    source=source,
+                )
             try:
-                result = target.load_state_dict(payload["state_dicts"][name])
+                result = target.load_state_dict(state)
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
                 detail = " ".join(str(e).split())[:300]
                 raise CheckpointError(

@@ -163,6 +163,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         "topk_manager",
     )
     value_attrs: ClassVar[tuple[str, ...]] = ("epoch", "global_step", "wandb_run_id")
+    optimizer_modules: ClassVar[dict[str, str]] = {"optimizer": "model"}
     dataset_base: ClassVar[type] = object
     runner_base: ClassVar[type] = object
 

@@ -7,6 +7,9 @@ original's quirks on purpose (they change parameter counts and checkpoint keys):
 - The first down level's output is pushed on the skip stack but never consumed.
 - Both up levels upsample, so a 3-level UNet maps T -> T/2 -> T/4 -> T/2 -> T.
 - The local-condition branch builds two encoders but only the first one's output is ever added.
+- The output block's GroupNorm has 8 groups whatever ``n_groups`` says.
+- Submodules are registered in the original's order (mid, step encoder, local-cond encoder, up, down,
+  final), which is the order of ``parameters()`` and so of the optimizer state in its checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from torch import nn
 
 from diffusion_policy.model.diffusion.conv1d_components import Conv1dBlock, Downsample1d, Upsample1d
 from diffusion_policy.model.diffusion.positional_embedding import SinusoidalPosEmb
+
+# GroupNorm groups of the output block: the original builds it without passing n_groups
+FINAL_CONV_GROUPS = 8
 
 
 class ConditionalResidualBlock1D(nn.Module):
@@ -99,12 +105,21 @@ class ConditionalUnet1D(nn.Module):
         bad = [d for d in down_dims if d % n_groups != 0]
         if bad:
             raise ValueError(f"ConditionalUnet1D: down_dims {bad} are not divisible by n_groups={n_groups}")
+        if down_dims[0] % FINAL_CONV_GROUPS != 0:
+            raise ValueError(
+                f"ConditionalUnet1D: down_dims[0]={down_dims[0]} must be divisible by {FINAL_CONV_GROUPS} "
+                f"(the final block's GroupNorm always has {FINAL_CONV_GROUPS} groups, as in the original)"
+            )
         self.input_dim = int(input_dim)
         self.local_cond_dim = local_cond_dim
         self.global_cond_dim = global_cond_dim
 
+        # Modules are built in the original's order (which fixes the initial weights a seed draws) and then
+        # registered in the original's order, which differs: mid, step encoder, local-cond encoder, up, down,
+        # final. parameters() follows registration, and optimizer state is stored by position in it, so
+        # the original's checkpoints' AdamW moments line up only with this order.
         dsed = diffusion_step_embed_dim
-        self.diffusion_step_encoder = nn.Sequential(
+        diffusion_step_encoder = nn.Sequential(
             SinusoidalPosEmb(dsed),
             nn.Linear(dsed, dsed * 4),
             nn.Mish(),
@@ -125,21 +140,21 @@ class ConditionalUnet1D(nn.Module):
         all_dims = [self.input_dim, *down_dims]
         in_out = list(zip(all_dims[:-1], all_dims[1:]))
 
-        self.local_cond_encoder = None
+        local_cond_encoder = None
         if local_cond_dim is not None:
             first_out = in_out[0][1]
             # the second ("up") encoder is never used in forward; kept so original checkpoints load
-            self.local_cond_encoder = nn.ModuleList(
+            local_cond_encoder = nn.ModuleList(
                 [res_block(local_cond_dim, first_out), res_block(local_cond_dim, first_out)]
             )
 
         mid_dim = all_dims[-1]
         self.mid_modules = nn.ModuleList([res_block(mid_dim, mid_dim), res_block(mid_dim, mid_dim)])
 
-        self.down_modules = nn.ModuleList()
+        down_modules = nn.ModuleList()
         for ind, (din, dout) in enumerate(in_out):
             is_last = ind == len(in_out) - 1
-            self.down_modules.append(
+            down_modules.append(
                 nn.ModuleList(
                     [
                         res_block(din, dout),
@@ -150,17 +165,22 @@ class ConditionalUnet1D(nn.Module):
             )
 
         # every up level upsamples (the original's "is_last" test never fires)
-        self.up_modules = nn.ModuleList()
+        up_modules = nn.ModuleList()
         for din, dout in reversed(in_out[1:]):
-            self.up_modules.append(
-                nn.ModuleList([res_block(dout * 2, din), res_block(din, din), Upsample1d(din)])
-            )
+            up_modules.append(nn.ModuleList([res_block(dout * 2, din), res_block(din, din), Upsample1d(din)]))
 
         start_dim = down_dims[0]
-        self.final_conv = nn.Sequential(
-            Conv1dBlock(start_dim, start_dim, kernel_size=kernel_size, n_groups=n_groups),
+        # the original leaves this block at GroupNorm's default of 8 groups, whatever n_groups says
+        final_conv = nn.Sequential(
+            Conv1dBlock(start_dim, start_dim, kernel_size=kernel_size, n_groups=FINAL_CONV_GROUPS),
             nn.Conv1d(start_dim, self.input_dim, 1),
         )
+
+        self.diffusion_step_encoder = diffusion_step_encoder
+        self.local_cond_encoder = local_cond_encoder
+        self.up_modules = up_modules
+        self.down_modules = down_modules
+        self.final_conv = final_conv
         self.downsample_factor = 2 ** (len(down_dims) - 1)
 
     def forward(

@@ -105,13 +105,13 @@ class MultiImageObsEncoder(ModuleAttrMixin):
         for key, (shape, obs_type) in parse_obs_meta(obs_meta).items():
             key_shapes[key] = shape
             (rgb_keys if obs_type == "rgb" else low_dim_keys).append(key)
-        rgb_keys.sort()
-        low_dim_keys.sort()
 
         key_model_map = nn.ModuleDict()
         if share_rgb_model:
             key_model_map[SHARED_KEY] = self._prepare(rgb_model, use_group_norm)
         key_transform_map = nn.ModuleDict()
+        # shape_meta order, as the original inserts them: it is the order of parameters() and so of the
+        # optimizer state in its checkpoints (features are still concatenated in sorted key order)
         for key in rgb_keys:
             if not share_rgb_model:
                 if isinstance(rgb_model, Mapping):
@@ -132,8 +132,8 @@ class MultiImageObsEncoder(ModuleAttrMixin):
         self.key_transform_map = key_transform_map
         self.key_shape_map = key_shapes
         self.share_rgb_model = share_rgb_model
-        self.rgb_keys = rgb_keys
-        self.low_dim_keys = low_dim_keys
+        self.rgb_keys = sorted(rgb_keys)
+        self.low_dim_keys = sorted(low_dim_keys)
 
     @staticmethod
     def _prepare(model: nn.Module, use_group_norm: bool) -> nn.Module:
