@@ -218,7 +218,7 @@ def evaluate(
 
     from diffusion_policy.common.device_util import resolve_device
     from diffusion_policy.common.score_stats import split_summary
-    from diffusion_policy.policy.diffusion_sampling import sampler_label, use_sampler
+    from diffusion_policy.policy.samplers import sampler_label, use_sampler
     from diffusion_policy.workspace.base_workspace import load_policy
     from diffusion_policy.workspace.train_diffusion_workspace import build
 

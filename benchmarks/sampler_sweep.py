@@ -99,7 +99,7 @@ def latency_observations(cfg: Any, n: int) -> list[dict[str, torch.Tensor]]:
 
 def time_latencies(cells: list[dict[str, Any]], repeats: int) -> dict[str, float]:
     """Median batch-1 ``predict_action`` ms per cell, timed round-robin over the cells."""
-    from diffusion_policy.policy.diffusion_sampling import use_sampler
+    from diffusion_policy.policy.samplers import use_sampler
     from diffusion_policy.workspace.base_workspace import load_policy
 
     policies, observations = {}, {}

@@ -45,7 +45,7 @@ from run import (  # noqa: E402
 )
 
 from diffusion_policy.common.config_resolvers import register_resolvers  # noqa: E402
-from diffusion_policy.policy.diffusion_sampling import sampler_label, use_sampler  # noqa: E402
+from diffusion_policy.policy.samplers import sampler_label, use_sampler  # noqa: E402
 
 GROUPS = ("eval", "loader")
 

@@ -21,7 +21,7 @@ from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.deploy import ExportError, load_exported_policy
 from diffusion_policy.deploy.exporter import export_checkpoint
 from diffusion_policy.deploy.schedulers import DDIMSampler, DDPMSampler
-from diffusion_policy.policy.diffusion_sampling import use_sampler
+from diffusion_policy.policy.samplers import use_sampler
 from diffusion_policy.workspace.base_workspace import load_policy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,12 +17,8 @@ from diffusion_policy.deploy import load_exported_policy
 from diffusion_policy.deploy.exporter import export_checkpoint
 from diffusion_policy.deploy.schedulers import FlowSampler
 from diffusion_policy.model.diffusion.flow_matching import FlowMatchingScheduler
-from diffusion_policy.policy.diffusion_sampling import (
-    conditional_sample,
-    diffusion_loss,
-    sampler_label,
-    use_sampler,
-)
+from diffusion_policy.policy.denoising import conditional_sample, diffusion_loss
+from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from diffusion_policy.workspace.base_workspace import load_policy
 from tests.resume_check import assert_same_training_state, sigkill_after_first_checkpoint
 from tests.test_train_e2e import (

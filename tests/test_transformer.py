@@ -17,7 +17,7 @@ from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
 from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
-from diffusion_policy.policy.diffusion_sampling import sampler_label, use_sampler
+from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from diffusion_policy.policy.diffusion_transformer_hybrid_image_policy import (
     DiffusionTransformerHybridImagePolicy,
 )

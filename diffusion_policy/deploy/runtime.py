@@ -7,7 +7,7 @@
     action = policy.select_action(obs)  # one env step's raw obs -> one raw action; replans every Ta steps
     out = policy.predict_action({"obs": obs_batch})  # (B, To, Do) -> {"action": (B, Ta, Da), ...}
 
-The sampling loop mirrors the torch policies' (``diffusion_policy/policy/diffusion_sampling.py``): normalise
+The sampling loop mirrors the torch policies' (``diffusion_policy/policy/denoising.py``): normalise
 the first To observations, encode them (image policies), denoise Gaussian noise with DDIM or DDPM or integrate
 the flow-matching ODE (:mod:`diffusion_policy.deploy.schedulers`), unnormalise and cut the executed window.
 """

@@ -10,21 +10,12 @@ import torch
 
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
 from diffusion_policy.model.vision.robomimic_style_obs_encoder import RobomimicStyleObsEncoder
-from diffusion_policy.policy.base_image_policy import BaseImagePolicy
-from diffusion_policy.policy.diffusion_sampling import (
-    ImageObsPolicyMixin,
-    action_dim_from_shape_meta,
-    check_action_window,
-    check_scheduler,
-    diffusion_loss,
-    init_denoising_state,
-    inpainting_condition,
-    inpainting_mask_generator,
-    sample_action_chunk,
-)
+from diffusion_policy.policy.denoising import inpainting_condition
+from diffusion_policy.policy.diffusion_policy_base import ImageDiffusionPolicy, Inputs
+from diffusion_policy.policy.shape_checks import action_dim_from_shape_meta, shape_meta_obs_shapes
 
 
-class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
+class DiffusionTransformerHybridImagePolicy(ImageDiffusionPolicy):
     """Encodes each of the last ``n_obs_steps`` observation frames (``shape_meta["obs"]``: rgb and low_dim
     keys; 66 features per frame for PushT) and denoises a ``horizon`` of actions with a
     ``TransformerForDiffusion`` built here.
@@ -62,15 +53,11 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
         pred_action_steps_only: bool = False,
         **kwargs,
     ) -> None:
-        super().__init__()
-        if "obs" not in shape_meta:
-            raise ValueError("shape_meta has no 'obs' entry; list the observation keys with shape and type")
         if pred_action_steps_only and not obs_as_cond:
             raise ValueError("pred_action_steps_only=True needs obs_as_cond=True")
+        # cheap shape_meta checks before the ResNet is built
+        obs_shapes = shape_meta_obs_shapes(shape_meta)
         action_dim = action_dim_from_shape_meta(shape_meta)
-        self.num_inference_steps = check_scheduler(noise_scheduler, num_inference_steps, kwargs)
-        check_action_window(horizon, n_obs_steps, n_action_steps, n_obs_steps - 1)
-
         obs_encoder = RobomimicStyleObsEncoder(
             shape_meta["obs"],
             crop_shape=crop_shape,
@@ -96,48 +83,45 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
             obs_as_cond=obs_as_cond,
             n_cond_layers=n_cond_layers,
         )
-
-        self.obs_encoder = obs_encoder
-        mask_generator = inpainting_mask_generator(
-            action_dim, obs_feature_dim, n_obs_steps, inpaint=not obs_as_cond
+        super().__init__(
+            model=model,
+            noise_scheduler=noise_scheduler,
+            horizon=horizon,
+            action_dim=action_dim,
+            n_action_steps=n_action_steps,
+            n_obs_steps=n_obs_steps,
+            action_start=n_obs_steps - 1,
+            obs_shapes=obs_shapes,
+            inpaint_dim=0 if obs_as_cond else obs_feature_dim,
+            num_inference_steps=num_inference_steps,
+            step_kwargs=kwargs,
+            pred_action_steps_only=pred_action_steps_only,
+            obs_encoder=obs_encoder,
         )
-        init_denoising_state(
-            self,
-            model,
-            noise_scheduler,
-            mask_generator,
-            horizon,
-            action_dim,
-            n_action_steps,
-            n_obs_steps,
-            n_obs_steps - 1,
-            kwargs,
-        )
-        self.obs_shapes = dict(obs_encoder.obs_shapes)
         self.obs_feature_dim = obs_feature_dim
         self.obs_as_cond = obs_as_cond
-        self.pred_action_steps_only = pred_action_steps_only
 
-    # ---------------- inference ----------------
-    @torch.no_grad()
-    def predict_action(
-        self, obs_dict: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """obs_dict[key]: (B, >=To, *shape) raw (images float in [0, 1]) ->
-        {"action": (B, n_action_steps, Da), "action_pred": (B, horizon, Da)} raw."""
-        Da, T = self.action_dim, self.horizon
-        features = self._encode_for_prediction(obs_dict)
-        B = features.shape[0]
-        cond = condition_mask = None
+    def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
+        """obs_dict[key]: (B, >=To, *shape) raw (images float in [0, 1]) -> condition tokens (B, To, F), or
+        the inpainting condition."""
+        features = self.encode(obs_dict, self.n_obs_steps)
         if self.obs_as_cond:
-            cond = features
-            length = self.n_action_steps if self.pred_action_steps_only else T
-            condition_data = torch.zeros(B, length, Da, device=self.device, dtype=self.dtype)
-        else:
-            condition_data, condition_mask = inpainting_condition(features, T, Da)
-        return sample_action_chunk(self, condition_data, condition_mask, generator, cond=cond)[1]
+            shape = (features.shape[0], self.sample_length, self.action_dim)
+            return torch.zeros(shape, device=self.device, dtype=self.dtype), None, {"cond": features}
+        data, mask = inpainting_condition(features, self.horizon, self.action_dim)
+        return data, mask, {}
 
-    # ---------------- training ----------------
+    def training_inputs(self, batch: Mapping[str, Any]) -> Inputs:
+        """batch: {"obs": {key: (B, T, *shape)}, "action": (B, T, Da)} raw. With ``obs_as_cond`` only the
+        first n_obs_steps frames are normalized and encoded."""
+        nactions = self.normalizer["action"].normalize(batch["action"])
+        if self.obs_as_cond:
+            trajectory = self._executed(nactions) if self.pred_action_steps_only else nactions
+            return trajectory, None, {"cond": self.encode(batch["obs"], self.n_obs_steps)}
+        features = self.encode(batch["obs"], nactions.shape[1])
+        trajectory = torch.cat([nactions, features], dim=-1).detach()
+        return trajectory, self.mask_generator(trajectory.shape), {}
+
     def get_optimizer(
         self,
         transformer_weight_decay: float,
@@ -151,23 +135,3 @@ class DiffusionTransformerHybridImagePolicy(ImageObsPolicyMixin, BaseImagePolicy
             {"params": list(self.obs_encoder.parameters()), "weight_decay": obs_encoder_weight_decay}
         )
         return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas))
-
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        """batch: {"obs": {key: (B, T, *shape)}, "action": (B, T, Da)} raw -> scalar denoising loss.
-
-        With ``obs_as_cond`` only the first n_obs_steps frames are normalized and encoded.
-        """
-        self._check_normalizer()
-        nactions = self.normalizer["action"].normalize(batch["action"])
-        T = nactions.shape[1]
-        cond = condition_mask = None
-        if self.obs_as_cond:
-            cond = self._encode(batch["obs"], self.n_obs_steps)
-            trajectory = nactions
-            if self.pred_action_steps_only:
-                trajectory = nactions[:, self.action_start : self.action_start + self.n_action_steps]
-        else:
-            features = self._encode(batch["obs"], T)
-            trajectory = torch.cat([nactions, features], dim=-1).detach()
-            condition_mask = self.mask_generator(trajectory.shape)
-        return diffusion_loss(self.model, self.noise_scheduler, trajectory, condition_mask, cond=cond)

@@ -3,27 +3,17 @@ time-series transformer denoiser (DP-T)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
-from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
-from diffusion_policy.policy.diffusion_sampling import (
-    check_action_window,
-    check_normalizer,
-    check_scheduler,
-    diffusion_loss,
-    init_denoising_state,
-    inpainting_condition,
-    inpainting_mask_generator,
-    online_action,
-    sample_action_chunk,
-)
+from diffusion_policy.policy.denoising import inpainting_condition
+from diffusion_policy.policy.diffusion_policy_base import Inputs, LowdimDiffusionPolicy
 
 
-class DiffusionTransformerLowdimPolicy(BaseLowdimPolicy):
+class DiffusionTransformerLowdimPolicy(LowdimDiffusionPolicy):
     """Predicts a horizon of actions by denoising with a ``TransformerForDiffusion``.
 
     - ``obs_as_cond`` (PushT): the To normalized observations are the transformer's condition tokens
@@ -50,16 +40,27 @@ class DiffusionTransformerLowdimPolicy(BaseLowdimPolicy):
         pred_action_steps_only: bool = False,
         **kwargs,
     ) -> None:
-        super().__init__()
         if pred_action_steps_only and not obs_as_cond:
             raise ValueError("pred_action_steps_only=True needs obs_as_cond=True")
-        self.num_inference_steps = check_scheduler(noise_scheduler, num_inference_steps, kwargs)
-        check_action_window(horizon, n_obs_steps, n_action_steps, n_obs_steps - 1)
+        super().__init__(
+            model=model,
+            noise_scheduler=noise_scheduler,
+            horizon=horizon,
+            obs_dim=obs_dim,
+            action_dim=action_dim,
+            n_action_steps=n_action_steps,
+            n_obs_steps=n_obs_steps,
+            action_start=n_obs_steps - 1,
+            inpaint_dim=0 if obs_as_cond else obs_dim,
+            num_inference_steps=num_inference_steps,
+            step_kwargs=kwargs,
+            pred_action_steps_only=pred_action_steps_only,
+        )
         expected = {
             "input_dim": action_dim if obs_as_cond else action_dim + obs_dim,
             "output_dim": action_dim if obs_as_cond else action_dim + obs_dim,
             "cond_dim": obs_dim if obs_as_cond else 0,
-            "horizon": n_action_steps if pred_action_steps_only else horizon,
+            "horizon": self.sample_length,
         }
         for name, want in expected.items():
             got = getattr(model, name, want)
@@ -74,75 +75,26 @@ class DiffusionTransformerLowdimPolicy(BaseLowdimPolicy):
                 f"model n_obs_steps={model.n_obs_steps} has fewer condition tokens than the policy's "
                 f"n_obs_steps={n_obs_steps}"
             )
-
-        mask_generator = inpainting_mask_generator(action_dim, obs_dim, n_obs_steps, inpaint=not obs_as_cond)
-        init_denoising_state(
-            self,
-            model,
-            noise_scheduler,
-            mask_generator,
-            horizon,
-            action_dim,
-            n_action_steps,
-            n_obs_steps,
-            n_obs_steps - 1,
-            kwargs,
-        )
-        self.obs_dim = obs_dim
         self.obs_as_cond = obs_as_cond
-        self.pred_action_steps_only = pred_action_steps_only
 
-    # ---------------- inference ----------------
-    @torch.no_grad()
-    def predict_action(
-        self, obs_dict: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """obs_dict["obs"]: (B, >=To, obs_dim) raw -> {"action": (B, n_action_steps, Da),
-        "action_pred": (B, horizon, Da)} raw (plus "obs_pred" (B, horizon, Do) and
-        "action_obs_pred" (B, n_action_steps, Do) when inpainting)."""
-        check_normalizer(self, ("action", "obs"))
-        if "past_action" in obs_dict:
-            raise ValueError("obs_dict['past_action'] is not supported by DiffusionTransformerLowdimPolicy")
-        obs = obs_dict["obs"]
-        To, Da, Do, T = self.n_obs_steps, self.action_dim, self.obs_dim, self.horizon
-        if obs.ndim != 3 or obs.shape[1] < To or obs.shape[2] != Do:
-            raise ValueError(f"obs_dict['obs'] has shape {tuple(obs.shape)}; expected (B, >={To}, {Do})")
-        nobs = self.normalizer["obs"].normalize(obs[:, :To])
-        B = nobs.shape[0]
-        cond = condition_mask = None
+    def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
+        """obs_dict["obs"]: (B, >=To, Do) raw -> condition tokens, or the inpainting condition."""
+        nobs = self.normalized_obs(obs_dict)
         if self.obs_as_cond:
-            cond = nobs
-            length = self.n_action_steps if self.pred_action_steps_only else T
-            condition_data = torch.zeros(B, length, Da, device=self.device, dtype=self.dtype)
-        else:
-            condition_data, condition_mask = inpainting_condition(nobs, T, Da)
+            shape = (nobs.shape[0], self.sample_length, self.action_dim)
+            return torch.zeros(shape, device=self.device, dtype=self.dtype), None, {"cond": nobs}
+        data, mask = inpainting_condition(nobs, self.horizon, self.action_dim)
+        return data, mask, {}
 
-        nsample, result = sample_action_chunk(self, condition_data, condition_mask, generator, cond=cond)
-        if not self.obs_as_cond:
-            start, end = self.action_start, self.action_start + self.n_action_steps
-            obs_pred = self.normalizer["obs"].unnormalize(nsample[..., Da:])
-            result["obs_pred"] = obs_pred
-            result["action_obs_pred"] = obs_pred[:, start:end]
-        return result
-
-    def reset(self) -> None:
-        """Start a new episode for :meth:`select_action` (clears observation and action queues)."""
-        self._queues.reset()
-
-    @torch.no_grad()
-    def select_action(self, obs: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One control step: obs (obs_dim,) or (B, obs_dim), or {"obs": that} -> action (Da,) or (B, Da).
-
-        Replans every n_action_steps calls, from the last n_obs_steps observations.
-        """
-        if not isinstance(obs, dict):
-            obs = {"obs": obs}
-        return online_action(self, self._queues, obs, {"obs": (self.obs_dim,)}, generator)
-
-    # ---------------- training ----------------
-    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        """Copy the dataset's fitted normalizer (fields "obs" and "action") into the policy."""
-        self.normalizer.load_state_dict(normalizer.state_dict())
+    def training_inputs(self, batch: Mapping[str, torch.Tensor]) -> Inputs:
+        """batch: {"obs": (B, T, Do), "action": (B, T, Da)} raw."""
+        nobs = self.normalizer["obs"].normalize(batch["obs"])
+        naction = self.normalizer["action"].normalize(batch["action"])
+        if self.obs_as_cond:
+            trajectory = self._executed(naction) if self.pred_action_steps_only else naction
+            return trajectory, None, {"cond": nobs[:, : self.n_obs_steps]}
+        trajectory = torch.cat([naction, nobs], dim=-1)
+        return trajectory, self.mask_generator(trajectory.shape), {}
 
     def get_optimizer(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float]
@@ -151,20 +103,3 @@ class DiffusionTransformerLowdimPolicy(BaseLowdimPolicy):
         return self.model.configure_optimizers(
             weight_decay=weight_decay, learning_rate=learning_rate, betas=tuple(betas)
         )
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """batch: {"obs": (B, T, obs_dim), "action": (B, T, Da)} raw -> scalar denoising loss."""
-        check_normalizer(self, ("action", "obs"))
-        To = self.n_obs_steps
-        nobs = self.normalizer["obs"].normalize(batch["obs"])
-        naction = self.normalizer["action"].normalize(batch["action"])
-        cond = condition_mask = None
-        if self.obs_as_cond:
-            cond = nobs[:, :To]
-            trajectory = naction
-            if self.pred_action_steps_only:
-                trajectory = naction[:, self.action_start : self.action_start + self.n_action_steps]
-        else:
-            trajectory = torch.cat([naction, nobs], dim=-1)
-            condition_mask = self.mask_generator(trajectory.shape)
-        return diffusion_loss(self.model, self.noise_scheduler, trajectory, condition_mask, cond=cond)

@@ -6,14 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from diffusion_policy.model.vision.robomimic_style_obs_encoder import RobomimicStyleObsEncoder
-from diffusion_policy.policy.diffusion_unet_image_policy import (
-    DiffusionUnetImagePolicy,
-    shape_meta_action_dim,
-    shape_meta_obs_shapes,
-)
-
-# kept for code that imported the helper from here
-_action_dim = shape_meta_action_dim
+from diffusion_policy.policy.diffusion_unet_image_policy import DiffusionUnetImagePolicy
+from diffusion_policy.policy.shape_checks import action_dim_from_shape_meta, shape_meta_obs_shapes
 
 
 class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
@@ -49,7 +43,7 @@ class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
     ) -> None:
         # cheap shape_meta checks before the ResNet is built
         shape_meta_obs_shapes(shape_meta)
-        shape_meta_action_dim(shape_meta)
+        action_dim_from_shape_meta(shape_meta)
         obs_encoder = RobomimicStyleObsEncoder(
             shape_meta["obs"],
             crop_shape=crop_shape,

@@ -14,48 +14,17 @@ import torch
 from torch import nn
 
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
-from diffusion_policy.model.vision.obs_shape_meta import parse_obs_meta
-from diffusion_policy.policy.base_image_policy import BaseImagePolicy
-from diffusion_policy.policy.diffusion_sampling import (
-    ImageObsPolicyMixin,
+from diffusion_policy.policy.denoising import inpainting_condition
+from diffusion_policy.policy.diffusion_policy_base import ImageDiffusionPolicy, Inputs
+from diffusion_policy.policy.shape_checks import (
     action_dim_from_shape_meta,
-    check_action_window,
-    check_scheduler,
     check_sequence_length,
-    diffusion_loss,
-    init_denoising_state,
-    inpainting_condition,
-    inpainting_mask_generator,
-    sample_action_chunk,
+    encoder_feature_dim,
+    shape_meta_obs_shapes,
 )
 
 
-def shape_meta_obs_shapes(shape_meta: Mapping) -> dict[str, tuple[int, ...]]:
-    """``shape_meta["obs"]`` -> {key: shape} in shape_meta order: the keys the policy normalizes and reads."""
-    obs = shape_meta.get("obs") if isinstance(shape_meta, Mapping) else None
-    if not obs:
-        raise ValueError("shape_meta has no 'obs' entry; list the observation keys with shape and type")
-    return {key: shape for key, (shape, _) in parse_obs_meta(obs).items()}
-
-
-shape_meta_action_dim = action_dim_from_shape_meta
-
-
-def encoder_feature_dim(obs_encoder: nn.Module) -> int:
-    """Per-frame feature size F of an encoder {key: (N, *shape)} -> (N, F), from its ``output_shape()``."""
-    output_shape = getattr(obs_encoder, "output_shape", None)
-    if not callable(output_shape):
-        raise ValueError(
-            f"obs_encoder {type(obs_encoder).__name__} has no output_shape(); "
-            "the policy needs it to size the UNet"
-        )
-    shape = tuple(output_shape())
-    if len(shape) != 1:
-        raise ValueError(f"obs_encoder output_shape() is {shape}; the policy needs flat features (F,)")
-    return int(shape[0])
-
-
-class DiffusionUnetImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
+class DiffusionUnetImagePolicy(ImageDiffusionPolicy):
     """Encodes the last ``n_obs_steps`` observation frames (keys of ``shape_meta["obs"]``) with
     ``obs_encoder`` and denoises a ``horizon`` of actions with a ConditionalUnet1D built here.
 
@@ -85,12 +54,8 @@ class DiffusionUnetImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
         cond_predict_scale: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__()
         obs_shapes = shape_meta_obs_shapes(shape_meta)
-        action_dim = shape_meta_action_dim(shape_meta)
-        self.num_inference_steps = check_scheduler(noise_scheduler, num_inference_steps, kwargs)
-        check_action_window(horizon, n_obs_steps, n_action_steps, n_obs_steps - 1)
-
+        action_dim = action_dim_from_shape_meta(shape_meta)
         obs_feature_dim = encoder_feature_dim(obs_encoder)
         model = ConditionalUnet1D(
             input_dim=action_dim if obs_as_global_cond else action_dim + obs_feature_dim,
@@ -103,67 +68,40 @@ class DiffusionUnetImagePolicy(ImageObsPolicyMixin, BaseImagePolicy):
             cond_predict_scale=cond_predict_scale,
         )
         check_sequence_length(model, horizon, "horizon")
-
-        # registration order fixes the state-dict order: obs_encoder, model, mask_generator, normalizer
-        self.obs_encoder = obs_encoder
-        mask_generator = inpainting_mask_generator(
-            action_dim, obs_feature_dim, n_obs_steps, inpaint=not obs_as_global_cond
+        super().__init__(
+            model=model,
+            noise_scheduler=noise_scheduler,
+            horizon=horizon,
+            action_dim=action_dim,
+            n_action_steps=n_action_steps,
+            n_obs_steps=n_obs_steps,
+            action_start=n_obs_steps - 1,
+            obs_shapes=obs_shapes,
+            inpaint_dim=0 if obs_as_global_cond else obs_feature_dim,
+            num_inference_steps=num_inference_steps,
+            step_kwargs=kwargs,
+            obs_encoder=obs_encoder,
         )
-        init_denoising_state(
-            self,
-            model,
-            noise_scheduler,
-            mask_generator,
-            horizon,
-            action_dim,
-            n_action_steps,
-            n_obs_steps,
-            n_obs_steps - 1,
-            kwargs,
-        )
-        self.obs_shapes = obs_shapes
         self.obs_feature_dim = obs_feature_dim
         self.obs_as_global_cond = obs_as_global_cond
 
-    # ---------------- inference ----------------
-    @torch.no_grad()
-    def predict_action(
-        self, obs_dict: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """obs_dict[key]: (B, >=To, *shape) raw (images float in [0, 1]) ->
-        {"action": (B, n_action_steps, Da), "action_pred": (B, horizon, Da)} raw."""
-        Da, T = self.action_dim, self.horizon
-        features = self._encode_for_prediction(obs_dict)
+    def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
+        """obs_dict[key]: (B, >=To, *shape) raw (images float in [0, 1]) -> the UNet's condition."""
+        features = self.encode(obs_dict, self.n_obs_steps)
         B = features.shape[0]
-        device, dtype = self.device, self.dtype
-        global_cond = condition_mask = None
         if self.obs_as_global_cond:
-            global_cond = features.reshape(B, -1)
-            condition_data = torch.zeros(B, T, Da, device=device, dtype=dtype)
-        else:
-            condition_data, condition_mask = inpainting_condition(features, T, Da)
+            data = torch.zeros(B, self.horizon, self.action_dim, device=self.device, dtype=self.dtype)
+            return data, None, {"global_cond": features.reshape(B, -1)}
+        data, mask = inpainting_condition(features, self.horizon, self.action_dim)
+        return data, mask, {}
 
-        return sample_action_chunk(self, condition_data, condition_mask, generator, global_cond=global_cond)[
-            1
-        ]
-
-    # ---------------- training ----------------
-    def compute_loss(self, batch: dict) -> torch.Tensor:
-        """batch: {"obs": {key: (B, T, *shape)}, "action": (B, T, Da)} raw -> scalar denoising loss.
-
-        Only the first n_obs_steps frames are normalized and encoded in the global-condition mode.
-        """
-        self._check_normalizer()
+    def training_inputs(self, batch: Mapping[str, Any]) -> Inputs:
+        """batch: {"obs": {key: (B, T, *shape)}, "action": (B, T, Da)} raw. Only the first n_obs_steps
+        frames are normalized and encoded in the global-condition mode."""
         nactions = self.normalizer["action"].normalize(batch["action"])
         B, T = nactions.shape[:2]
-        global_cond = condition_mask = None
         if self.obs_as_global_cond:
-            global_cond = self._encode(batch["obs"], self.n_obs_steps).reshape(B, -1)
-            trajectory = nactions
-        else:
-            features = self._encode(batch["obs"], T)
-            trajectory = torch.cat([nactions, features], dim=-1).detach()
-            condition_mask = self.mask_generator(trajectory.shape)
-        return diffusion_loss(
-            self.model, self.noise_scheduler, trajectory, condition_mask, global_cond=global_cond
-        )
+            global_cond = self.encode(batch["obs"], self.n_obs_steps).reshape(B, -1)
+            return nactions, None, {"global_cond": global_cond}
+        trajectory = torch.cat([nactions, self.encode(batch["obs"], T)], dim=-1).detach()
+        return trajectory, self.mask_generator(trajectory.shape), {}

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
-from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
-from diffusion_policy.policy.diffusion_sampling import (
-    check_action_window,
-    check_normalizer,
-    check_scheduler,
-    check_sequence_length,
-    diffusion_loss,
-    init_denoising_state,
-    inpainting_condition,
-    inpainting_mask_generator,
-    online_action,
-    sample_action_chunk,
-)
+from diffusion_policy.policy.denoising import inpainting_condition
+from diffusion_policy.policy.diffusion_policy_base import Inputs, LowdimDiffusionPolicy
+from diffusion_policy.policy.shape_checks import check_sequence_length
 
 
-class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
+class DiffusionUnetLowdimPolicy(LowdimDiffusionPolicy):
     """Predicts a horizon of actions by denoising, conditioned on the last ``n_obs_steps`` observations.
 
     Observation modes (at most one of the two flags):
@@ -54,39 +44,31 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
         oa_step_convention: bool = False,
         **kwargs,
     ) -> None:
-        super().__init__()
         if obs_as_local_cond and obs_as_global_cond:
             raise ValueError("obs_as_local_cond and obs_as_global_cond are both True; choose one")
         if pred_action_steps_only and not obs_as_global_cond:
             raise ValueError("pred_action_steps_only=True needs obs_as_global_cond=True")
-        self.num_inference_steps = check_scheduler(noise_scheduler, num_inference_steps, kwargs)
-        start = n_obs_steps - 1 if oa_step_convention else n_obs_steps
-        check_action_window(horizon, n_obs_steps, n_action_steps, start)
+        inpaint = not (obs_as_local_cond or obs_as_global_cond)
+        super().__init__(
+            model=model,
+            noise_scheduler=noise_scheduler,
+            horizon=horizon,
+            obs_dim=obs_dim,
+            action_dim=action_dim,
+            n_action_steps=n_action_steps,
+            n_obs_steps=n_obs_steps,
+            action_start=n_obs_steps - 1 if oa_step_convention else n_obs_steps,
+            inpaint_dim=obs_dim if inpaint else 0,
+            num_inference_steps=num_inference_steps,
+            step_kwargs=kwargs,
+            pred_action_steps_only=pred_action_steps_only,
+        )
         check_sequence_length(
-            model,
-            n_action_steps if pred_action_steps_only else horizon,
-            "n_action_steps" if pred_action_steps_only else "horizon",
+            model, self.sample_length, "n_action_steps" if pred_action_steps_only else "horizon"
         )
         self._check_model_dims(model, obs_dim, action_dim, n_obs_steps, obs_as_local_cond, obs_as_global_cond)
-
-        inpaint = not (obs_as_local_cond or obs_as_global_cond)
-        mask_generator = inpainting_mask_generator(action_dim, obs_dim, n_obs_steps, inpaint=inpaint)
-        init_denoising_state(
-            self,
-            model,
-            noise_scheduler,
-            mask_generator,
-            horizon,
-            action_dim,
-            n_action_steps,
-            n_obs_steps,
-            start,
-            kwargs,
-        )
-        self.obs_dim = obs_dim
         self.obs_as_local_cond = obs_as_local_cond
         self.obs_as_global_cond = obs_as_global_cond
-        self.pred_action_steps_only = pred_action_steps_only
         self.oa_step_convention = oa_step_convention
 
     @staticmethod
@@ -107,98 +89,35 @@ class DiffusionUnetLowdimPolicy(BaseLowdimPolicy):
                     f"obs_as_local_cond={local}, obs_as_global_cond={global_})"
                 )
 
-    def _inpainting(self) -> bool:
-        return not (self.obs_as_local_cond or self.obs_as_global_cond)
-
-    def _check_normalizer(self) -> None:
-        check_normalizer(self, ("action", "obs"))
-
-    # ---------------- inference ----------------
-    @torch.no_grad()
-    def predict_action(
-        self, obs_dict: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """obs_dict["obs"]: (B, >=To, obs_dim) raw -> {"action": (B, n_action_steps, Da),
-        "action_pred": (B, horizon, Da)} raw (plus "obs_pred" (B, horizon, Do) and
-        "action_obs_pred" (B, n_action_steps, Do) when inpainting)."""
-        self._check_normalizer()
-        if "past_action" in obs_dict:
-            raise ValueError("obs_dict['past_action'] is not supported by DiffusionUnetLowdimPolicy")
-        obs = obs_dict["obs"]
-        To, Da, Do = self.n_obs_steps, self.action_dim, self.obs_dim
-        if obs.ndim != 3 or obs.shape[1] < To or obs.shape[2] != Do:
-            raise ValueError(f"obs_dict['obs'] has shape {tuple(obs.shape)}; expected (B, >={To}, {Do})")
-        nobs = self.normalizer["obs"].normalize(obs[:, :To])
-        B, T = nobs.shape[0], self.horizon
+    def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
+        """obs_dict["obs"]: (B, >=To, Do) raw -> the UNet's condition (see the class docstring)."""
+        nobs = self.normalized_obs(obs_dict)
+        B, To, Do = nobs.shape
+        shape = (B, self.sample_length, self.action_dim)
         device, dtype = self.device, self.dtype
-
-        local_cond = global_cond = condition_mask = None
         if self.obs_as_local_cond:
-            local_cond = torch.zeros(B, T, Do, device=device, dtype=dtype)
+            local_cond = torch.zeros(B, self.horizon, Do, device=device, dtype=dtype)
             local_cond[:, :To] = nobs
-            condition_data = torch.zeros(B, T, Da, device=device, dtype=dtype)
-        elif self.obs_as_global_cond:
+            return torch.zeros(shape, device=device, dtype=dtype), None, {"local_cond": local_cond}
+        if self.obs_as_global_cond:
             global_cond = nobs.reshape(B, -1)
-            length = self.n_action_steps if self.pred_action_steps_only else T
-            condition_data = torch.zeros(B, length, Da, device=device, dtype=dtype)
-        else:
-            condition_data, condition_mask = inpainting_condition(nobs, T, Da)
+            return torch.zeros(shape, device=device, dtype=dtype), None, {"global_cond": global_cond}
+        data, mask = inpainting_condition(nobs, self.horizon, self.action_dim)
+        return data, mask, {}
 
-        nsample, result = sample_action_chunk(
-            self, condition_data, condition_mask, generator, local_cond=local_cond, global_cond=global_cond
-        )
-        if self._inpainting():
-            obs_pred = self.normalizer["obs"].unnormalize(nsample[..., Da:])
-            result["obs_pred"] = obs_pred
-            result["action_obs_pred"] = obs_pred[
-                :, self.action_start : self.action_start + self.n_action_steps
-            ]
-        return result
-
-    def reset(self) -> None:
-        """Start a new episode for :meth:`select_action` (clears observation and action queues)."""
-        self._queues.reset()
-
-    @torch.no_grad()
-    def select_action(self, obs: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One control step: obs (obs_dim,) or (B, obs_dim), or {"obs": that} -> action (Da,) or (B, Da).
-
-        Keeps the last n_obs_steps observations (the first one repeated after reset()) and replans every
-        n_action_steps calls, when the queue of planned actions runs empty.
-        """
-        if not isinstance(obs, dict):
-            obs = {"obs": obs}
-        return online_action(self, self._queues, obs, {"obs": (self.obs_dim,)}, generator)
-
-    # ---------------- training ----------------
-    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
-        """Copy the dataset's fitted normalizer (fields "obs" and "action") into the policy."""
-        self.normalizer.load_state_dict(normalizer.state_dict())
-
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """batch: {"obs": (B, T, obs_dim), "action": (B, T, Da)} raw -> scalar denoising loss."""
-        self._check_normalizer()
+    def training_inputs(self, batch: Mapping[str, torch.Tensor]) -> Inputs:
+        """batch: {"obs": (B, T, Do), "action": (B, T, Da)} raw."""
         To = self.n_obs_steps
         obs = batch["obs"]
         action = self.normalizer["action"].normalize(batch["action"])
         B = action.shape[0]
-        local_cond = global_cond = condition_mask = None
-        trajectory = action
         if self.obs_as_local_cond:
             local_cond = self.normalizer["obs"].normalize(obs)
             local_cond[:, To:] = 0
-        elif self.obs_as_global_cond:
+            return action, None, {"local_cond": local_cond}
+        if self.obs_as_global_cond:
             global_cond = self.normalizer["obs"].normalize(obs[:, :To]).reshape(B, -1)
-            if self.pred_action_steps_only:
-                trajectory = action[:, self.action_start : self.action_start + self.n_action_steps]
-        else:
-            trajectory = torch.cat([action, self.normalizer["obs"].normalize(obs)], dim=-1)
-            condition_mask = self.mask_generator(trajectory.shape)
-        return diffusion_loss(
-            self.model,
-            self.noise_scheduler,
-            trajectory,
-            condition_mask,
-            local_cond=local_cond,
-            global_cond=global_cond,
-        )
+            trajectory = self._executed(action) if self.pred_action_steps_only else action
+            return trajectory, None, {"global_cond": global_cond}
+        trajectory = torch.cat([action, self.normalizer["obs"].normalize(obs)], dim=-1)
+        return trajectory, self.mask_generator(trajectory.shape), {}

@@ -1,0 +1,246 @@
+"""The base classes of every diffusion policy: what they share around their denoiser.
+
+:class:`DiffusionPolicyBase` owns the denoising state (network, noise scheduler, inpainting mask generator,
+normalizer, action window, step arguments, online queues) and does, the same way for every policy, the
+sampling pass of ``predict_action``, the loss of ``compute_loss``, ``select_action``, ``reset`` and
+``set_normalizer``. A policy says only how its observations become the denoiser's input, in two methods:
+
+- ``prediction_inputs(obs_dict)`` -> (condition_data, condition_mask, conditions) for sampling,
+- ``training_inputs(batch)`` -> (trajectory, condition_mask, conditions) for the loss,
+
+where ``conditions`` are the denoiser's keyword conditions (``global_cond`` / ``local_cond`` for the UNet,
+``cond`` for the transformer). :class:`LowdimDiffusionPolicy` and :class:`ImageDiffusionPolicy` add what
+state and image observations need (shape checks, normalizer fields, the image encoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion_policy.model.common.module_attr_mixin import ModuleAttrMixin
+from diffusion_policy.model.common.normalizer import LinearNormalizer
+from diffusion_policy.policy.base_image_policy import BaseImagePolicy
+from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
+from diffusion_policy.policy.denoising import conditional_sample, diffusion_loss, inpainting_mask_generator
+from diffusion_policy.policy.online_queues import OnlineQueues, to_single_step_batch
+from diffusion_policy.policy.samplers import check_scheduler
+from diffusion_policy.policy.shape_checks import check_action_window
+
+NORMALIZER_HINT = "call set_normalizer(dataset.get_normalizer()) first"
+Inputs = tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor | None]]
+
+
+class DiffusionPolicyBase(ModuleAttrMixin):
+    """Denoising state and the shared sampling / loss / online interface of a diffusion policy.
+
+    Args:
+        model: the denoiser, ``model(trajectory (B, L, D), t, **conditions) -> (B, L, D)``.
+        noise_scheduler: a diffusers scheduler (DDPM, DDIM) or :class:`FlowMatchingScheduler`.
+        horizon: T, the predicted window; ``n_obs_steps`` To, ``n_action_steps`` Ta.
+        action_dim: Da, the first Da channels of the trajectory.
+        action_start: index of the first executed action in the predicted window.
+        obs_shapes: {key: shape} of the raw observations ``select_action`` takes.
+        inpaint_dim: channels after the actions that are inpainted (obs or features), 0 when conditioning.
+        num_inference_steps, step_kwargs: sampling steps and extra ``noise_scheduler.step`` arguments.
+        pred_action_steps_only: the denoiser predicts only the Ta executed steps.
+        obs_encoder: registered first when given, as the original's image policies do.
+
+    Registration order is the original's: (``obs_encoder``,) ``model``, ``mask_generator``, ``normalizer``;
+    it fixes the order of ``parameters()`` and of the state dict.
+    """
+
+    normalizer_keys: tuple[str, ...] = ("action",)
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        noise_scheduler: Any,
+        horizon: int,
+        action_dim: int,
+        n_action_steps: int,
+        n_obs_steps: int,
+        action_start: int,
+        obs_shapes: Mapping[str, tuple[int, ...]],
+        inpaint_dim: int = 0,
+        num_inference_steps: int | None = None,
+        step_kwargs: Mapping[str, Any] | None = None,
+        pred_action_steps_only: bool = False,
+        obs_encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        step_kwargs = dict(step_kwargs or {})
+        self.num_inference_steps = check_scheduler(noise_scheduler, num_inference_steps, step_kwargs)
+        check_action_window(horizon, n_obs_steps, n_action_steps, action_start)
+        if obs_encoder is not None:
+            self.obs_encoder = obs_encoder
+        self.model = model
+        self.noise_scheduler = noise_scheduler
+        self.mask_generator = inpainting_mask_generator(
+            action_dim, inpaint_dim, n_obs_steps, inpaint=inpaint_dim > 0
+        )
+        self.normalizer = LinearNormalizer()
+        self.horizon = horizon
+        self.action_dim = action_dim
+        self.n_action_steps = n_action_steps
+        self.n_obs_steps = n_obs_steps
+        self.action_start = action_start
+        self.pred_action_steps_only = pred_action_steps_only
+        self.obs_shapes = dict(obs_shapes)
+        self.kwargs = step_kwargs
+        self._queues = OnlineQueues(n_obs_steps)
+
+    # ---------------- what each policy defines ----------------
+    def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
+        """Raw observations -> (condition_data (B, L, D), condition_mask or None, denoiser conditions)."""
+        raise NotImplementedError
+
+    def training_inputs(self, batch: Mapping[str, Any]) -> Inputs:
+        """A raw training batch -> (clean normalized trajectory (B, L, D), condition_mask or None,
+        denoiser conditions)."""
+        raise NotImplementedError
+
+    def extra_predictions(self, nsample: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further outputs read off the normalized sample (B, L, D) (the inpainted observations)."""
+        return {}
+
+    # ---------------- shared ----------------
+    def _check_normalizer(self) -> None:
+        missing = [k for k in self.normalizer_keys if k not in self.normalizer]
+        if missing:
+            raise RuntimeError(f"{type(self).__name__} normalizer lacks {missing}; {NORMALIZER_HINT}")
+
+    @property
+    def sample_length(self) -> int:
+        """L: the length of the denoised trajectory."""
+        return self.n_action_steps if self.pred_action_steps_only else self.horizon
+
+    @torch.no_grad()
+    def predict_action(
+        self,
+        obs_dict: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """obs_dict: raw observations with To >= n_obs_steps frames (``{"obs": (B, To, Do)}`` for a state
+        policy, ``{key: (B, To, *shape)}`` for an image policy) -> {"action": (B, n_action_steps, Da),
+        "action_pred": (B, L, Da)} raw, L = horizon (n_action_steps with ``pred_action_steps_only``).
+
+        ``noise`` (B, L, D), when given, is the initial Gaussian sample (D = Da, plus the inpainted
+        channels); otherwise it is drawn with ``generator``.
+        """
+        self._check_normalizer()
+        if "past_action" in obs_dict:
+            raise ValueError(f"obs_dict['past_action'] is not supported by {type(self).__name__}")
+        condition_data, condition_mask, conditions = self.prediction_inputs(obs_dict)
+        nsample = conditional_sample(
+            self.model,
+            self.noise_scheduler,
+            self.num_inference_steps,
+            condition_data,
+            condition_mask,
+            generator=generator,
+            noise=noise,
+            **conditions,
+            **self.kwargs,
+        )
+        action_pred = self.normalizer["action"].unnormalize(nsample[..., : self.action_dim])
+        action = action_pred
+        if not self.pred_action_steps_only:
+            action = action_pred[:, self.action_start : self.action_start + self.n_action_steps]
+        return {"action": action, "action_pred": action_pred, **self.extra_predictions(nsample)}
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """batch: {"obs": raw observations over the horizon, "action": (B, T, Da) raw} -> scalar denoising
+        loss (see :func:`diffusion_loss`)."""
+        self._check_normalizer()
+        trajectory, condition_mask, conditions = self.training_inputs(batch)
+        return diffusion_loss(self.model, self.noise_scheduler, trajectory, condition_mask, **conditions)
+
+    def _executed(self, trajectory: torch.Tensor) -> torch.Tensor:
+        """The executed window of a (B, T, ...) trajectory, what ``pred_action_steps_only`` denoises."""
+        return trajectory[:, self.action_start : self.action_start + self.n_action_steps]
+
+    def reset(self) -> None:
+        """Start a new episode for :meth:`select_action` (clears observation and action queues)."""
+        self._queues.reset()
+
+    @torch.no_grad()
+    def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """One control step: obs[key] (*shape) or (B, *shape), as the env returns -> action (Da,) or (B, Da).
+
+        Keeps the last n_obs_steps observations (the first one repeated after reset()) and replans every
+        n_action_steps calls, when the queue of planned actions runs empty.
+        """
+        step_obs, batched = to_single_step_batch(obs, self.obs_shapes, self.device, self.dtype)
+        action = self._queues.next_action(
+            step_obs, lambda stacked: self.predict_action(stacked, generator=generator)["action"]
+        )
+        return action if batched else action[0]
+
+    def set_normalizer(self, normalizer: LinearNormalizer) -> None:
+        """Copy the dataset's fitted normalizer (action and every observation field) into the policy."""
+        self.normalizer.load_state_dict(normalizer.state_dict())
+
+
+class LowdimDiffusionPolicy(DiffusionPolicyBase, BaseLowdimPolicy):
+    """A diffusion policy on one low-dimensional observation vector ``obs`` (Do,) per step."""
+
+    normalizer_keys = ("action", "obs")
+
+    def __init__(self, *, obs_dim: int, **kwargs: Any) -> None:
+        super().__init__(obs_shapes={"obs": (obs_dim,)}, **kwargs)
+        self.obs_dim = obs_dim
+
+    def normalized_obs(self, obs_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """obs_dict["obs"]: (B, >=To, Do) raw -> its first To steps normalized (B, To, Do)."""
+        obs = obs_dict["obs"]
+        To, Do = self.n_obs_steps, self.obs_dim
+        if obs.ndim != 3 or obs.shape[1] < To or obs.shape[2] != Do:
+            raise ValueError(f"obs_dict['obs'] has shape {tuple(obs.shape)}; expected (B, >={To}, {Do})")
+        return self.normalizer["obs"].normalize(obs[:, :To])
+
+    def extra_predictions(self, nsample: torch.Tensor) -> dict[str, torch.Tensor]:
+        """When inpainting [action, obs]: "obs_pred" (B, T, Do) and "action_obs_pred" (B, Ta, Do)."""
+        if self.mask_generator.obs_dim == 0:
+            return {}
+        obs_pred = self.normalizer["obs"].unnormalize(nsample[..., self.action_dim :])
+        return {"obs_pred": obs_pred, "action_obs_pred": self._executed(obs_pred)}
+
+    @torch.no_grad()
+    def select_action(self, obs: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One control step: obs (obs_dim,) or (B, obs_dim), or {"obs": that} -> action (Da,) or (B, Da)."""
+        return super().select_action(obs if isinstance(obs, Mapping) else {"obs": obs}, generator)
+
+
+class ImageDiffusionPolicy(DiffusionPolicyBase, BaseImagePolicy):
+    """A diffusion policy whose observations (rgb and low-dim keys of ``shape_meta``) pass, frame by frame,
+    through ``obs_encoder`` ({key: (N, *shape)} -> (N, F)) before they condition the denoiser."""
+
+    @property
+    def normalizer_keys(self) -> tuple[str, ...]:
+        return ("action", *self.obs_shapes)
+
+    def encode(self, obs: Mapping[str, torch.Tensor], n_steps: int) -> torch.Tensor:
+        """Raw obs {key: (B, >=n_steps, *shape)} -> normalized features (B, n_steps, F).
+
+        The first ``n_steps`` frames of every key are normalized and all B * n_steps frames go through the
+        encoder as one batch.
+        """
+        flat = {}
+        for key, shape in self.obs_shapes.items():
+            if key not in obs:
+                raise KeyError(f"observation '{key}' from shape_meta is missing (got keys {sorted(obs)})")
+            value = obs[key]
+            if value.ndim != len(shape) + 2 or value.shape[1] < n_steps or tuple(value.shape[2:]) != shape:
+                raise ValueError(
+                    f"observation '{key}' has shape {tuple(value.shape)}; "
+                    f"expected (B, >={n_steps}, *{list(shape)})"
+                )
+            flat[key] = self.normalizer[key].normalize(value[:, :n_steps]).reshape(-1, *shape)
+        batch = next(iter(obs.values())).shape[0]
+        return self.obs_encoder(flat).reshape(batch, n_steps, -1)
