@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.deploy import ExportError, load_exported_policy
-from diffusion_policy.deploy.exporter import export_checkpoint
+from diffusion_policy.deploy.exporter import export_checkpoint, scheduler_tables
 from diffusion_policy.deploy.schedulers import DDIMSampler, DDPMSampler
 from diffusion_policy.policy.samplers import use_sampler
 from diffusion_policy.workspace.base_workspace import load_policy
@@ -114,7 +114,9 @@ def test_ddim_steps_match_diffusers(extra, steps, eta):
     config = {**SCHEDULE, **extra}
     reference = DDIMScheduler(**config)
     reference.set_timesteps(steps)
-    ours = DDIMSampler(dict(reference.config), steps, eta)
+    ours = DDIMSampler(
+        dict(reference.config), scheduler_tables(dict(reference.config), steps)["DDIMScheduler"], steps, eta
+    )
     np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
     rng = np.random.default_rng(0)
     x_ref = torch.from_numpy(rng.standard_normal((3, 16, 2)).astype(np.float32))
@@ -141,7 +143,9 @@ def test_ddpm_steps_match_diffusers(extra, steps):
     config = {**SCHEDULE, "variance_type": "fixed_small", **extra}
     reference = DDPMScheduler(**config)
     reference.set_timesteps(steps)
-    ours = DDPMSampler(dict(reference.config), steps)
+    ours = DDPMSampler(
+        dict(reference.config), scheduler_tables(dict(reference.config), steps)["DDPMScheduler"], steps
+    )
     np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
     rng = np.random.default_rng(1)
     x_ref = torch.from_numpy(rng.standard_normal((2, 16, 2)).astype(np.float32))
@@ -156,9 +160,9 @@ def test_ddpm_steps_match_diffusers(extra, steps):
 
 def test_unsupported_scheduler_settings_are_named():
     with pytest.raises(ValueError, match="fixed_small_log"):
-        DDPMSampler({**SCHEDULE, "variance_type": "fixed_small_log"}, 10)
+        DDPMSampler({**SCHEDULE, "variance_type": "fixed_small_log"}, {}, 10)
     with pytest.raises(ValueError, match="v_prediction"):
-        DDIMSampler({**SCHEDULE, "prediction_type": "v_prediction"}, 10)
+        DDIMSampler({**SCHEDULE, "prediction_type": "v_prediction"}, {}, 10)
 
 
 # ----------------------------------------------------------------------------- parity with the torch policy

@@ -12,9 +12,9 @@ from torch.utils.data import default_collate
 from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
 from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
-from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
 from diffusion_policy.policy.diffusion_unet_lowdim_policy import DiffusionUnetLowdimPolicy
+from diffusion_policy.policy.samplers import sampler_label, use_sampler
 
 HORIZON, TO, TA = 16, 2, 8
 SHAPE_META = {

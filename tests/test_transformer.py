@@ -17,11 +17,11 @@ from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
 from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
-from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from diffusion_policy.policy.diffusion_transformer_hybrid_image_policy import (
     DiffusionTransformerHybridImagePolicy,
 )
 from diffusion_policy.policy.diffusion_transformer_lowdim_policy import DiffusionTransformerLowdimPolicy
+from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from tests.test_policies import SHAPE_META, ddim, ddpm, fixed_noise_loss
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

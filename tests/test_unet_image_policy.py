@@ -33,9 +33,9 @@ from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.vision.crop_randomizer import CropRandomizer
 from diffusion_policy.model.vision.model_getter import get_resnet
 from diffusion_policy.model.vision.multi_image_obs_encoder import MultiImageObsEncoder
-from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
 from diffusion_policy.policy.diffusion_unet_image_policy import DiffusionUnetImagePolicy
+from diffusion_policy.policy.samplers import sampler_label, use_sampler
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 IMAGE = "train_diffusion_unet_image_workspace"

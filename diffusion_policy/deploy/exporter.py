@@ -96,6 +96,9 @@ def describe_policy(policy: nn.Module) -> dict[str, Any]:
     pred_only = bool(getattr(policy, "pred_action_steps_only", False))
     action_start = int(getattr(policy, "action_start", policy.n_obs_steps - 1))
     sched = policy.noise_scheduler
+    scheduler: dict[str, Any] = {"class": type(sched).__name__, "config": _jsonable(dict(sched.config))}
+    if scheduler["class"] != "FlowMatchingScheduler":
+        scheduler["tables"] = scheduler_tables(dict(sched.config), int(policy.num_inference_steps))
     return {
         "policy_class": f"{type(policy).__module__}.{name}",
         "obs_type": "image" if image else "lowdim",
@@ -109,7 +112,7 @@ def describe_policy(policy: nn.Module) -> dict[str, Any]:
         "pred_action_steps_only": pred_only,
         "trajectory_length": int(policy.n_action_steps if pred_only else policy.horizon),
         "conditioning": conditioning,
-        "scheduler": {"class": type(sched).__name__, "config": _jsonable(dict(sched.config))},
+        "scheduler": scheduler,
         "sampler": {
             "class": type(sched).__name__,
             "num_inference_steps": int(policy.num_inference_steps),
@@ -118,6 +121,37 @@ def describe_policy(policy: nn.Module) -> dict[str, Any]:
             "step_kwargs": _jsonable(dict(getattr(policy, "kwargs", {}))),
         },
     }
+
+
+# every step count up to this gets its timesteps table (plus the training count and the exported one), so the
+# runtime can switch DDIM / DDPM step counts as the torch policies' use_sampler does
+TABLE_STEP_COUNTS = 128
+
+
+def scheduler_tables(config: dict[str, Any], exported_steps: int) -> dict[str, Any]:
+    """What the numpy DDIM / DDPM samplers need, taken from diffusers' own schedulers built from ``config``:
+    per class ``{"alphas_cumprod": [...], "final_alpha_cumprod": float, "timesteps": {"<n>": [...]}}``."""
+    import inspect
+
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    n_train = int(config["num_train_timesteps"])
+    counts = sorted({*range(1, min(n_train, TABLE_STEP_COUNTS) + 1), n_train, int(exported_steps)})
+    tables = {}
+    for cls in (DDIMScheduler, DDPMScheduler):
+        accepted = inspect.signature(cls.__init__).parameters
+        scheduler = cls(**{k: v for k, v in config.items() if k in accepted})
+        timesteps = {}
+        for n in counts:
+            scheduler.set_timesteps(n)
+            timesteps[str(n)] = scheduler.timesteps.tolist()
+        final = getattr(scheduler, "final_alpha_cumprod", scheduler.alphas_cumprod[0])
+        tables[cls.__name__] = {
+            "alphas_cumprod": scheduler.alphas_cumprod.tolist(),
+            "final_alpha_cumprod": float(final),
+            "timesteps": timesteps,
+        }
+    return tables
 
 
 def _jsonable(x: Any) -> Any:
@@ -188,7 +222,11 @@ def export_policy(
         # the runtime must be able to sample with this schedule: refuse now rather than at load time
         check_step_kwargs(sampler["step_kwargs"])
         make_sampler(
-            sampler["class"], manifest["scheduler"]["config"], sampler["num_inference_steps"], sampler["eta"]
+            sampler["class"],
+            manifest["scheduler"]["config"],
+            sampler["num_inference_steps"],
+            sampler["eta"],
+            manifest["scheduler"].get("tables"),
         )
     except ValueError as e:
         raise ExportError(f"{manifest['policy_class'].rsplit('.', 1)[-1]}: {e}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "diffusion_policy_export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: DDIM / DDPM tables from diffusers in the manifest
 MANIFEST_NAME = "manifest.json"
 
 
@@ -33,6 +33,7 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise ExportError(f"{file} is not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
         raise ExportError(
-            f"{file} has format version {manifest.get('version')}; this code reads version {FORMAT_VERSION}"
+            f"{file} has format version {manifest.get('version')}; this code reads version {FORMAT_VERSION} "
+            "(export the checkpoint again with export.py)"
         )
     return manifest

@@ -15,15 +15,16 @@ the flow-matching ODE (:mod:`diffusion_policy.deploy.schedulers`), unnormalise a
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffusion_policy.common.flow_ode import SOLVER_EVALUATIONS
+from diffusion_policy.common.online_queues import OnlineQueues, check_step_keys, check_window, step_is_batched
 from diffusion_policy.deploy.manifest import ExportError, read_manifest
-from diffusion_policy.deploy.schedulers import FLOW_SOLVERS, FlowSampler, make_sampler
+from diffusion_policy.deploy.schedulers import FlowSampler, make_sampler
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -164,9 +165,7 @@ class ExportedPolicy:
         self.set_sampler(m["sampler"]["class"], m["sampler"]["num_inference_steps"], m["sampler"]["eta"])
         self.rng = np.random.default_rng(seed)
         self._timestep_cache: dict[int, list[np.ndarray]] = {}
-        self._observations: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)
-        self._actions: deque[np.ndarray] = deque()
-        self._batch: int | None = None
+        self._queues = OnlineQueues(self.n_obs_steps, np.stack)
 
     # ---------------- settings ----------------
     def set_sampler(
@@ -181,12 +180,12 @@ class ExportedPolicy:
         current = getattr(self, "sampler", None)
         if flow:
             config = dict(self.manifest["scheduler"]["config"])
-            if scheduler_class in FLOW_SOLVERS:
+            if scheduler_class in SOLVER_EVALUATIONS:
                 config["solver"] = scheduler_class
             elif scheduler_class not in (None, trained):
                 raise ValueError(
                     f"sampler {scheduler_class!r}: this policy was trained with flow matching; "
-                    f"use one of {list(FLOW_SOLVERS)}"
+                    f"use one of {list(SOLVER_EVALUATIONS)}"
                 )
             elif current is not None:
                 config["solver"] = current.solver
@@ -195,7 +194,7 @@ class ExportedPolicy:
             self.sampler = make_sampler(trained, config, int(num_inference_steps))
             self._timestep_cache = {}
             return
-        if scheduler_class in FLOW_SOLVERS or scheduler_class == "FlowMatchingScheduler":
+        if scheduler_class in SOLVER_EVALUATIONS or scheduler_class == "FlowMatchingScheduler":
             raise ValueError(
                 f"sampler {scheduler_class!r} is a flow-matching solver; this policy was trained as a "
                 "diffusion model (use ddpm or ddim)"
@@ -210,7 +209,10 @@ class ExportedPolicy:
                 num_inference_steps = current.num_inference_steps
         if eta is None:
             eta = getattr(current, "eta", 0.0)
-        self.sampler = make_sampler(cls, self.manifest["scheduler"]["config"], int(num_inference_steps), eta)
+        scheduler = self.manifest["scheduler"]
+        self.sampler = make_sampler(
+            cls, scheduler["config"], int(num_inference_steps), eta, scheduler.get("tables")
+        )
         self._timestep_cache = {}
 
     def sampler_label(self) -> str:
@@ -240,10 +242,7 @@ class ExportedPolicy:
             if key not in obs_dict:
                 raise KeyError(f"observation '{key}' is missing (got keys {sorted(obs_dict)})")
             value = np.asarray(obs_dict[key], dtype=np.float32)
-            if value.ndim != len(shape) + 2 or value.shape[1] < To or tuple(value.shape[2:]) != shape:
-                raise ValueError(
-                    f"observation '{key}' has shape {value.shape}; expected (B, >={To}, *{list(shape)})"
-                )
+            check_window(key, value.shape, shape, To)
             batch = value.shape[0]
             value = self.normalizer[key].normalize(np.ascontiguousarray(value[:, :To]))
             flat.append(value.reshape(batch * To, *shape))
@@ -285,9 +284,7 @@ class ExportedPolicy:
     # ---------------- online ----------------
     def reset(self) -> None:
         """Start a new episode for :meth:`select_action` (clears the observation and action queues)."""
-        self._observations.clear()
-        self._actions.clear()
-        self._batch = None
+        self._queues.reset()
 
     def select_action(self, obs: Any) -> np.ndarray:
         """One control step: obs[key] (*shape) or (B, *shape) (a state policy also takes the bare array) ->
@@ -295,38 +292,13 @@ class ExportedPolicy:
         sampled every ``n_action_steps`` calls, when the planned actions run out."""
         if not isinstance(obs, Mapping):
             obs = {"obs": obs}
-        step, batched = {}, set()
-        for key, shape in self.obs_shapes.items():
-            if key not in obs:
-                raise KeyError(f"select_action: observation '{key}' is missing (got keys {sorted(obs)})")
-            value = np.asarray(obs[key], dtype=np.float32)
-            if value.shape == shape:
-                value, flag = value[None], False
-            elif value.ndim == len(shape) + 1 and value.shape[1:] == shape:
-                flag = True
-            else:
-                raise ValueError(
-                    f"select_action: observation '{key}' has shape {value.shape}; "
-                    f"expected {shape} or (B, *{shape})"
-                )
-            batched.add(flag)
-            step[key] = value
-        if len(batched) != 1:
-            raise ValueError("select_action: mix of batched and unbatched observations")
-        batch = next(iter(step.values())).shape[0]
-        if self._batch not in (None, batch):
-            raise ValueError(f"select_action got batch size {batch} after {self._batch}; call reset() first")
-        self._batch = batch
-        if not self._observations:
-            self._observations.extend([step] * self.n_obs_steps)
-        else:
-            self._observations.append(step)
-        if not self._actions:
-            stacked = {k: np.stack([o[k] for o in self._observations], axis=1) for k in self.obs_shapes}
-            plan = self.predict_action(stacked)["action"]
-            self._actions.extend(plan[:, i] for i in range(plan.shape[1]))
-        action = self._actions.popleft()
-        return action if batched.pop() else action[0]
+        check_step_keys(obs, self.obs_shapes)
+        step = {k: np.asarray(obs[k], dtype=np.float32) for k in self.obs_shapes}
+        batched = step_is_batched(step, self.obs_shapes)
+        if not batched:
+            step = {k: v[None] for k, v in step.items()}
+        action = self._queues.next_action(step, lambda stacked: self.predict_action(stacked)["action"])
+        return action if batched else action[0]
 
 
 def load_exported_policy(

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_policy.common.online_queues import OnlineQueues, check_step_keys, check_window, step_is_batched
 from diffusion_policy.model.common.module_attr_mixin import ModuleAttrMixin
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
 from diffusion_policy.policy.denoising import conditional_sample, diffusion_loss, inpainting_mask_generator
-from diffusion_policy.policy.online_queues import OnlineQueues, to_single_step_batch
 from diffusion_policy.policy.samplers import check_scheduler
 from diffusion_policy.policy.shape_checks import check_action_window
 
@@ -92,7 +92,7 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         self.pred_action_steps_only = pred_action_steps_only
         self.obs_shapes = dict(obs_shapes)
         self.kwargs = step_kwargs
-        self._queues = OnlineQueues(n_obs_steps)
+        self._queues = OnlineQueues(n_obs_steps, torch.stack)
 
     # ---------------- what each policy defines ----------------
     def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
@@ -176,7 +176,11 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         Keeps the last n_obs_steps observations (the first one repeated after reset()) and replans every
         n_action_steps calls, when the queue of planned actions runs empty.
         """
-        step_obs, batched = to_single_step_batch(obs, self.obs_shapes, self.device, self.dtype)
+        check_step_keys(obs, self.obs_shapes)
+        step_obs = {k: torch.as_tensor(obs[k], device=self.device, dtype=self.dtype) for k in self.obs_shapes}
+        batched = step_is_batched(step_obs, self.obs_shapes)
+        if not batched:
+            step_obs = {k: v.unsqueeze(0) for k, v in step_obs.items()}
         action = self._queues.next_action(
             step_obs, lambda stacked: self.predict_action(stacked, generator=generator)["action"]
         )
@@ -199,10 +203,8 @@ class LowdimDiffusionPolicy(DiffusionPolicyBase, BaseLowdimPolicy):
     def normalized_obs(self, obs_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """obs_dict["obs"]: (B, >=To, Do) raw -> its first To steps normalized (B, To, Do)."""
         obs = obs_dict["obs"]
-        To, Do = self.n_obs_steps, self.obs_dim
-        if obs.ndim != 3 or obs.shape[1] < To or obs.shape[2] != Do:
-            raise ValueError(f"obs_dict['obs'] has shape {tuple(obs.shape)}; expected (B, >={To}, {Do})")
-        return self.normalizer["obs"].normalize(obs[:, :To])
+        check_window("obs", tuple(obs.shape), (self.obs_dim,), self.n_obs_steps)
+        return self.normalizer["obs"].normalize(obs[:, : self.n_obs_steps])
 
     def extra_predictions(self, nsample: torch.Tensor) -> dict[str, torch.Tensor]:
         """When inpainting [action, obs]: "obs_pred" (B, T, Do) and "action_obs_pred" (B, Ta, Do)."""
@@ -236,11 +238,7 @@ class ImageDiffusionPolicy(DiffusionPolicyBase, BaseImagePolicy):
             if key not in obs:
                 raise KeyError(f"observation '{key}' from shape_meta is missing (got keys {sorted(obs)})")
             value = obs[key]
-            if value.ndim != len(shape) + 2 or value.shape[1] < n_steps or tuple(value.shape[2:]) != shape:
-                raise ValueError(
-                    f"observation '{key}' has shape {tuple(value.shape)}; "
-                    f"expected (B, >={n_steps}, *{list(shape)})"
-                )
+            check_window(key, tuple(value.shape), shape, n_steps)
             flat[key] = self.normalizer[key].normalize(value[:, :n_steps]).reshape(-1, *shape)
         batch = next(iter(obs.values())).shape[0]
         return self.obs_encoder(flat).reshape(batch, n_steps, -1)

@@ -11,13 +11,11 @@ from omegaconf import DictConfig
 
 from diffusion_policy.common.errors import ConfigError
 from diffusion_policy.dataset.base_dataset import BaseImageDataset
-from diffusion_policy.env_runner.base_image_runner import BaseImageRunner
 from diffusion_policy.workspace.train_diffusion_workspace import TrainDiffusionWorkspace, check_shape
 
 
 class TrainDiffusionUnetHybridWorkspace(TrainDiffusionWorkspace):
     dataset_base: ClassVar[type] = BaseImageDataset
-    runner_base: ClassVar[type] = BaseImageRunner
 
     def check_dataset(self, dataset, cfg: DictConfig) -> None:
         """Sample: {"obs": {key: (T or To, *shape_meta.obs[key].shape)}, "action": (T, *action shape)}."""

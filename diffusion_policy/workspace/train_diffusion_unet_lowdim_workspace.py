@@ -13,13 +13,11 @@ from omegaconf import DictConfig
 
 from diffusion_policy.common.errors import ConfigError
 from diffusion_policy.dataset.base_dataset import BaseLowdimDataset
-from diffusion_policy.env_runner.base_lowdim_runner import BaseLowdimRunner
 from diffusion_policy.workspace.train_diffusion_workspace import TrainDiffusionWorkspace, check_shape
 
 
 class TrainDiffusionUnetLowdimWorkspace(TrainDiffusionWorkspace):
     dataset_base: ClassVar[type] = BaseLowdimDataset
-    runner_base: ClassVar[type] = BaseLowdimRunner
 
     def check_dataset(self, dataset, cfg: DictConfig) -> None:
         """A sample is {"obs": (T, obs_dim), "action": (T, action_dim)}."""

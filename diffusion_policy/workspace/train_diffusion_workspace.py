@@ -165,7 +165,6 @@ class TrainDiffusionWorkspace(BaseWorkspace):
     value_attrs: ClassVar[tuple[str, ...]] = ("epoch", "global_step", "wandb_run_id")
     optimizer_modules: ClassVar[dict[str, str]] = {"optimizer": "model"}
     dataset_base: ClassVar[type] = object
-    runner_base: ClassVar[type] = object
 
     def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike | None = None):
         # before anything is built or written: a bad value fails here with one line naming it

@@ -22,10 +22,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from diffusion_policy.common.flow_ode import SOLVER_EVALUATIONS, FlowODE
+
 TIME_SAMPLINGS = ("uniform", "beta", "logit_normal")
-SOLVERS = ("euler", "midpoint", "heun")
+SOLVERS = tuple(SOLVER_EVALUATIONS)
 # denoiser evaluations per ODE step
-SOLVER_EVALUATIONS = {"euler": 1, "midpoint": 2, "heun": 2}
 PREDICTION_TYPE = "flow"
 DEFAULT_INFERENCE_STEPS = 10
 # options of the DDPM/DDIM schedulers that mean nothing for a straight-line flow; named in the error
@@ -157,26 +158,15 @@ class FlowMatchingScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         """Grid t_i = 1 - i / N; ``timesteps`` lists the denoiser's evaluation times (denoiser units) in the
         order :meth:`step` expects them: N for Euler, 2N for midpoint and Heun."""
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-        n = int(num_inference_steps)
-        if n < 1:
-            raise ValueError(f"num_inference_steps={n} must be >= 1")
-        self.num_inference_steps = n
-        grid = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
-        solver = self.config.solver
-        if solver == "euler":
-            times = grid[:-1]
-        elif solver == "midpoint":
-            times = torch.stack([grid[:-1], (grid[:-1] + grid[1:]) / 2], dim=1).flatten()
-        else:
-            times = torch.stack([grid[:-1], grid[1:]], dim=1).flatten()
-        self.grid = grid.tolist()
-        self.timesteps = (times * self.config.num_train_timesteps).to(torch.float32)
-        if device is not None:
-            self.timesteps = self.timesteps.to(device)
+        clip = self.config.clip_sample_range if self.config.clip_sample else None
+        self._ode = FlowODE(self.config.solver, num_inference_steps, clip)
+        self.num_inference_steps = self._ode.num_steps
+        self.grid = self._ode.grid
+        n_train = self.config.num_train_timesteps
+        self.timesteps = torch.tensor(
+            [t * n_train for t in self._ode.times], dtype=torch.float32, device=device
+        )
         self._stage = 0
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def step(
         self,
@@ -186,37 +176,18 @@ class FlowMatchingScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
-        """One denoiser evaluation's update. model_output: velocity at (sample, timestep), (B, T, D) ->
-        ``prev_sample``: the state at the next evaluation time (the next grid point after a full step).
+        """One denoiser evaluation's update (:class:`FlowODE`). model_output: velocity at (sample, timestep),
+        (B, T, D) -> ``prev_sample``: the state at the next evaluation time (the next grid point after a
+        full step).
 
         Called once per entry of ``timesteps``, in order; ``generator`` is accepted for interface parity and
         unused (the ODE is deterministic given the initial noise)."""
-        per_step = SOLVER_EVALUATIONS[self.config.solver]
-        if self._stage >= per_step * self.num_inference_steps:
+        if self._stage >= self._ode.num_evaluations:
             raise RuntimeError(
                 "step() called more often than timesteps has entries; call set_timesteps first"
             )
-        i, stage = divmod(self._stage, per_step)
-        t, t_next = self.grid[i], self.grid[i + 1]
-        dt = t_next - t
+        prev = self._ode.step(self._stage, model_output, sample)
         self._stage += 1
-        solver = self.config.solver
-        if solver == "euler":
-            prev = sample + dt * model_output
-        elif stage == 0:
-            # first evaluation of a two-stage step: remember where the step started
-            self._pending = (sample, model_output)
-            prev = sample + (dt / 2 if solver == "midpoint" else dt) * model_output
-        else:
-            start, velocity = self._pending
-            self._pending = None
-            if solver == "midpoint":
-                prev = start + dt * model_output
-            else:
-                prev = start + dt / 2 * (velocity + model_output)
-        if self.config.clip_sample and self._stage == per_step * self.num_inference_steps:
-            bound = self.config.clip_sample_range
-            prev = prev.clamp(-bound, bound)
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
