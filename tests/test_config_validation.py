@@ -1,7 +1,7 @@
 """Every framework config value is checked before a run writes anything (issue 14).
 
 The command-line cases run train.py; the rules and the fuzz run the same check in-process, which is what
-train.py calls before Hydra creates the run directory (``config_schema.ValidateBeforeRun``).
+train.py calls before Hydra creates the run directory (``hydra_checks.ValidateBeforeRun``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from diffusion_policy.common.config_check import validate_config
+from diffusion_policy.common.config_origin import ConfigSource
 from diffusion_policy.common.config_resolvers import register_resolvers
-from diffusion_policy.common.config_schema import CHECKED_KEYS, ConfigSource, validate_config
+from diffusion_policy.common.config_schema import CHECKED_KEYS
 from diffusion_policy.common.errors import ConfigError
 from tests.test_train_e2e import ENV, FIXTURES, REPO_ROOT
 
@@ -72,6 +74,14 @@ def test_bad_values_fail_in_one_line_with_exit_2_and_write_nothing(tmp_path, pus
     cases["bad value in a file"] = (
         ["train.py", f"--config-dir={tmp_path}", "--config-name=bad_original", "training.device=cpu"],
         ("training.rollout_every=0", ">= 1", "from config bad_original"),
+    )
+    # a preset made for another root config (issue 23: this failed in the policy's constructor)
+    cases["preset on another root config"] = (
+        ["train.py", "experiment=pusht_lowdim_transformer_cpu"],
+        (
+            "experiment=pusht_lowdim_transformer_cpu",
+            "--config-name=train_diffusion_transformer_lowdim_pusht_workspace",
+        ),
     )
     procs = {}
     for name, (args, _) in cases.items():
