@@ -328,3 +328,35 @@ def test_fuzz_single_value_mutations(tmp_path, pusht_zarr_path, capsys):
             raise AssertionError(f"{case}: training failed: {type(e).__name__}: {e}") from e
         assert workspace.global_step > 0, f"{case}: exit 0 with nothing trained"
         assert Path(workspace.output_dir, "checkpoints", "latest.ckpt").is_file(), case
+
+
+# ----------------------------------------------------------------------------- one rule, two callers
+def test_the_classes_apply_the_schemas_rules_in_the_same_words(tmp_path):
+    """A rule in common/rules.py gives the config check and the class that builds the thing one answer."""
+    import torch
+
+    from diffusion_policy.env_runner.pusht_keypoints_runner import PushTKeypointsRunner
+    from diffusion_policy.model.common.lr_scheduler import get_scheduler
+    from diffusion_policy.model.diffusion.ema_model import EMAModel
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cases = [
+        (
+            ["ema.min_value=0.5", "ema.max_value=0.4"],
+            lambda: EMAModel(torch.nn.Linear(1, 1), 0, 1.0, 0.75, 0.5, 0.4),
+        ),
+        (["ema.inv_gamma=0"], lambda: EMAModel(torch.nn.Linear(1, 1), inv_gamma=0)),
+        (["training.lr_scheduler=cosin"], lambda: get_scheduler("cosin", optimizer, 1, 10)),
+        (
+            ["task.env_runner.test_start_seed=4294967296"],
+            lambda: PushTKeypointsRunner(str(tmp_path), n_train=0, n_test=1, test_start_seed=4294967296),
+        ),
+    ]
+    for overrides, build in cases:
+        from_config = _error(_compose(LOWDIM, ["debug=smoke", *overrides]))
+        with pytest.raises(ValueError) as from_class:
+            build()
+        # the same text, with the class's argument names for the config's keys
+        rule = str(from_class.value).removeprefix("EMAModel: ")
+        assert rule.split(" is not allowed: ")[1] in from_config.replace("ema.", ""), (rule, from_config)
+        assert rule.split("=")[0] in from_config, (rule, from_config)

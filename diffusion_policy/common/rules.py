@@ -73,9 +73,9 @@ def action_window_fits(
     return Violation(
         "n_action_steps",
         n_action_steps,
-        f"at most {horizon - start}: the executed actions start at step {start} ({where} + n_latency_steps, "
-        f"n_obs_steps={n_obs_steps}, n_latency_steps={n_latency_steps}) and must end within "
-        f"horizon={horizon}",
+        f"an integer <= {horizon - start}: the executed actions start at step {start} ({where} + "
+        f"n_latency_steps with n_obs_steps={n_obs_steps}, n_latency_steps={n_latency_steps}) and must end "
+        f"within horizon={horizon}",
         ("horizon", "n_obs_steps", "n_latency_steps"),
     )
 
