@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from diffusion_policy.common.errors import CheckpointError, ConfigError
+from diffusion_policy.common.errors import CheckpointError, ConfigError, one_line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
         result = convert_checkpoint_file(src, out)
     except (CheckpointError, ConfigError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot write {out}: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: cannot write {out}: {one_line(e)}", file=sys.stderr)
         return 2
     print(
         f"converted {src} ({result.workspace.rsplit('.', 1)[-1]}, original epoch={result.original_epoch} "

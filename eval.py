@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from diffusion_policy.common.config_resolvers import register_resolvers
-from diffusion_policy.common.errors import CheckpointError, ConfigError, DeviceError
+from diffusion_policy.common.errors import CheckpointError, ConfigError, DeviceError, one_line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
         )
     except (CheckpointError, ConfigError, DeviceError, ExportError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     scores = {
         k: v

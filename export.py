@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: export needs {', '.join(missing)}; install with: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    from diffusion_policy.common.errors import CheckpointError, ConfigError
+    from diffusion_policy.common.errors import CheckpointError, ConfigError, one_line
     from diffusion_policy.deploy.exporter import export_checkpoint
     from diffusion_policy.deploy.manifest import ExportError
 
     try:
         manifest = export_checkpoint(args.checkpoint, args.output_dir, tuple(formats), args.overwrite)
     except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     graphs = ", ".join(sorted(manifest["graphs"]))
     print(

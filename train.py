@@ -14,27 +14,25 @@ import os
 import sys
 
 import hydra
+from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_policy.common.config_resolvers import register_resolvers
-from diffusion_policy.common.config_schema import ConfigRejected
 from diffusion_policy.common.errors import (
     CheckpointError,
     ConfigError,
     DeviceError,
     RunInterrupted,
     WorkerDiedError,
+    one_line,
 )
+from diffusion_policy.common.hydra_checks import CheckedConfigDefaults, ConfigRejected, hydra_error_line
 
 register_resolvers()
 
 KNOWN_ERRORS = (ConfigError, CheckpointError, DeviceError, FileNotFoundError)
-# checks the composed config before Hydra creates the run directory (see config_schema.ValidateBeforeRun)
-VALIDATE_FIRST = (
-    "++hydra.callbacks.validate_config._target_=diffusion_policy.common.config_schema.ValidateBeforeRun"
-)
 
 
 @hydra.main(config_path="config", config_name="train_diffusion_unet_lowdim_workspace", version_base=None)
@@ -46,10 +44,10 @@ def main(cfg: DictConfig) -> None:
         workspace_cls = hydra.utils.get_class(cfg._target_)
         workspace_cls(cfg).run()
     except KNOWN_ERRORS as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except WorkerDiedError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except RunInterrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr, flush=True)
@@ -61,44 +59,23 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).split("Config search path:")[0]
-    if e.__cause__ is not None and str(e.__cause__) not in text:
-        text += f" ({str(e.__cause__).splitlines()[0]})"
-    return " ".join(text.split())
-
-
-def _with_validation_callback(argv: list[str]) -> list[str]:
-    """``argv`` plus the override that installs the config check, placed next to the other overrides
-    (argparse takes the positional overrides as one contiguous group)."""
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        args, _ = get_args_parser().parse_known_args(argv[1:])
-    except SystemExit:
-        return argv  # Hydra will report the bad command line itself
-    if args.overrides:
-        last = max(i for i, a in enumerate(argv) if a == args.overrides[-1])
-        return [*argv[: last + 1], VALIDATE_FIRST, *argv[last + 1 :]]
-    return [argv[0], VALIDATE_FIRST, *argv[1:]]
-
-
 def cli() -> None:
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     user_wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # let Hydra's config errors (unknown group, key or option) reach us, to print them as one line
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = _with_validation_callback(sys.argv)
+    # composes the config check into every config, the original's too (see common/hydra_checks.py)
+    Plugins.instance().register(CheckedConfigDefaults)
     try:
         main()
     except ConfigRejected as rejected:
-        print(f"error: {' '.join(str(rejected.error).split())}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(rejected.error)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except (HydraException, OmegaConfBaseException) as e:
         if user_wants_traces:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         # Ctrl-C before training began (training itself stops through RunInterrupted)

@@ -1,7 +1,7 @@
 """Every framework config value is checked before a run writes anything (issue 14).
 
 The command-line cases run train.py; the rules and the fuzz run the same check in-process, which is what
-train.py calls before Hydra creates the run directory (``config_schema.ValidateBeforeRun``).
+train.py calls before Hydra creates the run directory (``hydra_checks.ValidateBeforeRun``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from diffusion_policy.common.config_check import validate_config
+from diffusion_policy.common.config_origin import ConfigSource
 from diffusion_policy.common.config_resolvers import register_resolvers
-from diffusion_policy.common.config_schema import CHECKED_KEYS, ConfigSource, validate_config
+from diffusion_policy.common.config_schema import CHECKED_KEYS
 from diffusion_policy.common.errors import ConfigError
 from tests.test_train_e2e import ENV, FIXTURES, REPO_ROOT
 
@@ -72,6 +74,14 @@ def test_bad_values_fail_in_one_line_with_exit_2_and_write_nothing(tmp_path, pus
     cases["bad value in a file"] = (
         ["train.py", f"--config-dir={tmp_path}", "--config-name=bad_original", "training.device=cpu"],
         ("training.rollout_every=0", ">= 1", "from config bad_original"),
+    )
+    # a preset made for another root config (issue 23: this failed in the policy's constructor)
+    cases["preset on another root config"] = (
+        ["train.py", "experiment=pusht_lowdim_transformer_cpu"],
+        (
+            "experiment=pusht_lowdim_transformer_cpu",
+            "--config-name=train_diffusion_transformer_lowdim_pusht_workspace",
+        ),
     )
     procs = {}
     for name, (args, _) in cases.items():
@@ -318,3 +328,35 @@ def test_fuzz_single_value_mutations(tmp_path, pusht_zarr_path, capsys):
             raise AssertionError(f"{case}: training failed: {type(e).__name__}: {e}") from e
         assert workspace.global_step > 0, f"{case}: exit 0 with nothing trained"
         assert Path(workspace.output_dir, "checkpoints", "latest.ckpt").is_file(), case
+
+
+# ----------------------------------------------------------------------------- one rule, two callers
+def test_the_classes_apply_the_schemas_rules_in_the_same_words(tmp_path):
+    """A rule in common/rules.py gives the config check and the class that builds the thing one answer."""
+    import torch
+
+    from diffusion_policy.env_runner.pusht_keypoints_runner import PushTKeypointsRunner
+    from diffusion_policy.model.common.lr_scheduler import get_scheduler
+    from diffusion_policy.model.diffusion.ema_model import EMAModel
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cases = [
+        (
+            ["ema.min_value=0.5", "ema.max_value=0.4"],
+            lambda: EMAModel(torch.nn.Linear(1, 1), 0, 1.0, 0.75, 0.5, 0.4),
+        ),
+        (["ema.inv_gamma=0"], lambda: EMAModel(torch.nn.Linear(1, 1), inv_gamma=0)),
+        (["training.lr_scheduler=cosin"], lambda: get_scheduler("cosin", optimizer, 1, 10)),
+        (
+            ["task.env_runner.test_start_seed=4294967296"],
+            lambda: PushTKeypointsRunner(str(tmp_path), n_train=0, n_test=1, test_start_seed=4294967296),
+        ),
+    ]
+    for overrides, build in cases:
+        from_config = _error(_compose(LOWDIM, ["debug=smoke", *overrides]))
+        with pytest.raises(ValueError) as from_class:
+            build()
+        # the same text, with the class's argument names for the config's keys
+        rule = str(from_class.value).removeprefix("EMAModel: ")
+        assert rule.split(" is not allowed: ")[1] in from_config.replace("ema.", ""), (rule, from_config)
+        assert rule.split("=")[0] in from_config, (rule, from_config)

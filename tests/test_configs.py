@@ -10,6 +10,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from diffusion_policy.common.config_resolvers import register_resolvers
+from diffusion_policy.common.hydra_checks import ConfigRejected, ValidateBeforeRun
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 LOWDIM = "train_diffusion_unet_lowdim_workspace"
@@ -28,9 +29,9 @@ EXPERIMENTS = {
 register_resolvers()
 
 
-def _compose(name: str, overrides: list[str] = ()):
+def _compose(name: str, overrides: list[str] = (), with_hydra: bool = False):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name=name, overrides=list(overrides))
+        return compose(config_name=name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def _group_options(group: str) -> list[str]:
@@ -287,3 +288,55 @@ def test_transformer_cpu_recipe_keeps_the_paper_network_family():
     assert c["policy"]["noise_scheduler"]["_target_"].endswith("DDIMScheduler")
     assert c["task"]["dataset"]["max_train_episodes"] is None
     assert c["optimizer"]["weight_decay"] == 0.1 and "_target_" not in c["optimizer"]
+
+
+# ----------------------------------------------------------------------------- presets x root configs
+PRESETS = [f"{group}={option}" for group in ("experiment", "debug") for option in _group_options(group)]
+
+
+def _preset_check(name: str, preset: str):
+    """(the composed config, the one line train.py stops with or None), as train.py's Hydra callback sees
+    them (the callback node a preset declares, else the plain check)."""
+    cfg = _compose(name, [preset], with_hydra=True)
+    node = OmegaConf.select(cfg, "hydra.callbacks.validate_config")
+    callback = instantiate(node) if node is not None else ValidateBeforeRun()
+    try:
+        callback.check(cfg, name)
+    except ConfigRejected as rejected:
+        return cfg, str(rejected.error)
+    return cfg, None
+
+
+@pytest.mark.parametrize("name", PRIMARY)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_builds_on_its_root_config_or_names_the_right_one(name, preset):
+    cfg, line = _preset_check(name, preset)
+    if line is not None:
+        # fails before anything is built, in one line that names a root config the preset fits
+        assert "\n" not in line and line.startswith(f"{preset} is a preset for --config-name="), line
+        right = line.split("--config-name=")[1].split()[0].rstrip(",")
+        assert right != name and right in PRIMARY, line
+        assert f"python train.py --config-name={right} {preset}" in line, line
+        assert _preset_check(right, preset)[1] is None, f"{right} rejects {preset} too"
+        return
+    network, root_network = (
+        {
+            k: v
+            for k, v in OmegaConf.to_container(c.policy, resolve=True).items()
+            if k != "num_inference_steps"
+        }
+        for c in (cfg, _compose(name))
+    )
+    if network == root_network:
+        return  # the preset changes only the sampling steps (debug=fast): the root config's own network
+    policy = instantiate(cfg.policy)
+    assert sum(p.numel() for p in policy.parameters()) > 0
+
+
+def test_presets_that_change_the_network_name_their_root_configs():
+    for preset in PRESETS:
+        group = preset.split("=")[0]
+        cfg = _compose(LOWDIM, [preset], with_hydra=True)
+        roots = OmegaConf.select(cfg, f"hydra.callbacks.validate_config.root_configs.{group}")
+        # debug=fast only shortens the schedule, so it fits every root config
+        assert (roots is None) == (preset == "debug=fast"), f"{preset}: root_configs.{group}={roots}"

@@ -1,4 +1,4 @@
-"""The schema of the framework's own config blocks, checked before a run writes anything.
+"""The schema of the framework's own config blocks: types and ranges of single values.
 
 Covered: ``training``, ``dataloader`` / ``val_dataloader``, ``checkpoint``, ``logging``, ``ema``, the
 optimizer's common numbers, the top-level action window (``horizon``, ``n_obs_steps``, ``n_action_steps``,
@@ -9,30 +9,17 @@ configs (resolved, or with ``${eval:...}``) load unchanged.
 The blocks are pydantic models in strict mode (pydantic comes with wandb, which the framework requires): a
 ``"5"`` or ``5.0`` where an integer belongs is an error, not silently converted, because the code reads the
 config itself, not the validated copy. Each field's ``description`` is the "allowed" part of the message.
-Rules that involve several keys are plain functions below the models.
-
-A failure is one :class:`ConfigError` line naming the key, the value, what is allowed and where the value
-came from, e.g.::
-
-    training.num_epochs=-1 is not allowed: an integer >= 1 (set on the command line: training.num_epochs=-1)
-
-``train.py`` checks the composed config through :class:`ValidateBeforeRun` (a Hydra callback that runs
-before Hydra creates the run directory); every training workspace checks it again when it is built, which
-covers sweeps, ``eval.py`` and library use.
+Rules across keys, and ranges that a class checks too (EMA decay, rollout seeds), are in ``config_rules``
+and ``rules``; ``config_check.validate_config`` applies all of them.
 """
 
-import re
 import types
 import typing
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from diffusion_policy.common.errors import ConfigError
+from diffusion_policy.common.rules import MAX_SEED
 
 # Upper bounds are typo guards, each far beyond any recipe: they turn an extra zero or an exponent into an
 # error instead of a run that spawns a billion workers or rolls out forever.
@@ -43,7 +30,6 @@ MAX_EPISODES = 100_000  # per rollout
 MAX_ENV_STEPS = 100_000  # per episode
 MAX_FPS = 1_000
 MAX_LR = 1.0
-MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 def _int(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Any:
@@ -68,6 +54,7 @@ Str = Annotated[str, Field(description="a string")]
 OptStr = Annotated[str | None, Field(description="a string or null")]
 Target = Annotated[str, Field(description="a class path string (package.module.Class)")]
 Probability = _num("a number in [0, 1]", ge=0, le=1)
+Number = _num("a number")
 
 
 def _no_int(value: Any) -> Any:
@@ -149,12 +136,13 @@ class LoggingBlock(_Block):
 
 
 class EmaBlock(_Block):
+    # the decay's ranges are EMAModel's own check (rules.ema_decay_in_range), applied by config_rules
     target: Target = Field(alias="_target_")
     update_after_step: _int(0) = 0
-    inv_gamma: _num("a number > 0", gt=0) = 1.0
-    power: _num("a number > 0", gt=0) = 2 / 3
-    min_value: Probability = 0.0
-    max_value: Probability = 0.9999
+    inv_gamma: Number = 1.0
+    power: Number = 2 / 3
+    min_value: Number = 0.0
+    max_value: Number = 0.9999
 
 
 class OptimizerBlock(_Block):
@@ -179,10 +167,11 @@ class EnvRunnerBlock(_Block):
     target: Target = Field(alias="_target_")
     n_train: _int(0, MAX_EPISODES) = 0
     n_train_vis: _int(0) = 0
-    train_start_seed: _int(0, MAX_SEED) = 0
+    # seed ranges: the runners' own check (rules.rollout_seeds_in_range), applied by config_rules
+    train_start_seed: _int() = 0
     n_test: _int(0, MAX_EPISODES) = 0
     n_test_vis: _int(0) = 0
-    test_start_seed: _int(0, MAX_SEED) = 0
+    test_start_seed: _int() = 0
     legacy_test: Bool = False
     max_steps: _int(1, MAX_ENV_STEPS) = 200
     n_obs_steps: _int(1, MAX_WINDOW) = 1
@@ -270,148 +259,8 @@ CHECKED_KEYS = (
 )
 
 
-# ====================================================================== where a value came from
-@dataclass(frozen=True)
-class ConfigSource:
-    """Where a config came from: the command-line overrides, and words for everything else."""
-
-    overrides: tuple[str, ...] = ()
-    description: str = "the config"
-
-    @classmethod
-    def from_hydra(
-        cls, hydra_node: DictConfig | None = None, config_name: str | None = None, default: str = "the config"
-    ) -> "ConfigSource":
-        """From Hydra's ``hydra`` node (default: the running job's); ``default`` describes a plain config."""
-        if hydra_node is None:
-            from hydra.core.hydra_config import HydraConfig
-
-            if not HydraConfig.initialized():
-                return cls(description=default)
-            hydra_node = HydraConfig.get()
-        overrides = tuple(OmegaConf.to_container(hydra_node.overrides.task, resolve=False))
-        name = config_name or OmegaConf.select(hydra_node, "job.config_name", default=None) or "the config"
-        groups = set(OmegaConf.select(hydra_node, "runtime.choices", default={}) or {})
-        chosen = [o for o in overrides if _override_key(o) in groups]
-        where = f"config {name}" + (f" with {' '.join(chosen)}" if chosen else "")
-        return cls(overrides=overrides, description=where)
-
-    def origin(self, key: str, *related: str) -> str:
-        """Which command-line override set ``key`` (or, for a rule across keys, one of ``related``)."""
-        for candidate in (key, *related):
-            for override in self.overrides:
-                k = _override_key(override)
-                if candidate == k or candidate.startswith((k + ".", k + "[")):
-                    return f"set on the command line: {override}"
-        return f"from {self.description}"
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-_SIMPLE_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
-
-
-def _trace(raw: Any, parts: list[Any]) -> list[Any]:
-    """The key a value at ``parts`` really comes from, following plain ``${a.b}`` interpolations."""
-    for _ in range(20):  # interpolation chains are short; this bounds a cycle
-        node, redirected = raw, None
-        for i, part in enumerate(parts):
-            if isinstance(node, str) and (m := _SIMPLE_INTERPOLATION.match(node)):
-                redirected = m.group(1).split(".") + parts[i:]
-                break
-            try:
-                node = node[part]
-            except (KeyError, IndexError, TypeError):
-                return parts
-        else:
-            if isinstance(node, str) and (m := _SIMPLE_INTERPOLATION.match(node)):
-                redirected = m.group(1).split(".")
-        if redirected is None:
-            return parts
-        parts = redirected
-    return parts
-
-
-def _key(parts: list[Any]) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-# ====================================================================== the check
-_ABSENT = object()
-
-
-def validate_config(
-    cfg: DictConfig, source: ConfigSource | None = None, skip_unresolvable: bool = False
-) -> None:
-    """Raise a one-line :class:`ConfigError` if a framework value is wrong; ``cfg`` may be unresolved.
-
-    ``skip_unresolvable``: if a checked block cannot be resolved yet (Hydra's own ``${hydra:...}`` values
-    exist only once the job runs), check nothing and leave it all to the workspace's check.
-    """
-    source = source or ConfigSource()
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    data: dict[str, Any] = {}
-    for key in CHECKED_KEYS:
-        try:
-            node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
-            if isinstance(node, DictConfig | ListConfig):
-                node = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            missing = getattr(e, "full_key", None) or key
-            raise ConfigError(
-                f"{missing} is not set (???): give it a value ({source.origin(missing)})"
-            ) from None
-        except OmegaConfBaseException as e:
-            if skip_unresolvable:
-                return
-            detail = " ".join(str(e).split("\n")[0].split())
-            raise ConfigError(f"{key} cannot be resolved: {detail} ({source.origin(key)})") from None
-        if node is _ABSENT:
-            continue
-        parent = data
-        *head, last = key.split(".")
-        for h in head:
-            parent = parent.setdefault(h, {})
-        parent[last] = node
-    try:
-        RunConfig.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors()
-        first = errors[0]
-        parts = ["_target_" if p == "target" else p for p in first["loc"]]
-        allowed = _allowed(first, parts)
-        origins = {
-            _key(_trace(raw, ["_target_" if p == "target" else p for p in err["loc"]])) for err in errors
-        }
-        others = len(origins) - 1
-        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others > 0 else ""
-        raise ConfigError(
-            _message(raw, parts, first.get("input"), allowed, source, first["type"]) + more
-        ) from None
-    for rule in CROSS_FIELD_RULES:
-        problem = rule(data)
-        if problem is not None:
-            parts, value, allowed, *related = problem
-            raise ConfigError(_message(raw, parts, value, allowed, source, "rule", related))
-
-
-def _message(raw, parts, value, allowed, source, kind, related=()) -> str:
-    origin = _trace(raw, parts)
-    key, origin_key = _key(parts), _key(origin)
-    via = f" (used as {key})" if origin_key != key else ""
-    where = source.origin(origin_key, *(_key(_trace(raw, r.split("."))) for r in related))
-    if kind == "missing":
-        return f"{origin_key} is missing{via}: it must be {allowed} ({where})"
-    return f"{origin_key}={value!r}{via} is not allowed: {allowed} ({where})"
-
-
-def _allowed(error: dict[str, Any], parts: list[Any]) -> str:
-    """The description of the field the error is about, or pydantic's own words."""
+def field_description(error: dict[str, Any], parts: list[Any]) -> str:
+    """What the field of a pydantic ``error`` (at config key ``parts``) allows, or pydantic's own words."""
     t: Any = RunConfig
     description = None
     for part in parts:
@@ -457,198 +306,3 @@ def _annotated_description(t: Any) -> str | None:
             if getattr(meta, "description", None):
                 return meta.description
     return None
-
-
-# ====================================================================== rules across keys
-# Each takes the validated plain data and returns None, or (key parts, value, what is allowed, *other keys
-# the rule involves); a command-line override of any of those keys is named as the origin.
-
-
-def _action_window_fits(d):
-    used = d["n_obs_steps"] - 1 + d["n_action_steps"] + d.get("n_latency_steps", 0)
-    if used > d["horizon"]:
-        return (
-            ["n_action_steps"],
-            d["n_action_steps"],
-            f"n_obs_steps - 1 + n_action_steps + n_latency_steps must be <= horizon={d['horizon']}, "
-            f"got {used} (n_obs_steps={d['n_obs_steps']}, n_latency_steps={d.get('n_latency_steps', 0)})",
-            "horizon",
-            "n_obs_steps",
-            "n_latency_steps",
-        )
-    return None
-
-
-def _dataset_obs_steps_fit(d):
-    if "dataset_obs_steps" in d and not d["n_obs_steps"] <= d["dataset_obs_steps"] <= d["horizon"]:
-        return (
-            ["dataset_obs_steps"],
-            d["dataset_obs_steps"],
-            f"an integer in [n_obs_steps={d['n_obs_steps']}, horizon={d['horizon']}]",
-            "n_obs_steps",
-            "horizon",
-        )
-    return None
-
-
-def _runner_window_matches(d):
-    runner = d["task"]["env_runner"]
-    for name in ("n_obs_steps", "n_action_steps", "n_latency_steps"):
-        if name in runner and name in d and runner[name] != d[name]:
-            return (
-                ["task", "env_runner", name],
-                runner[name],
-                f"the top-level {name} ({d[name]}) the policy is built with",
-                name,
-            )
-    return None
-
-
-def _runner_has_episodes(d):
-    runner = d["task"]["env_runner"]
-    if runner.get("n_train", 0) + runner.get("n_test", 0) < 1 and {"n_train", "n_test"} & set(runner):
-        return (
-            ["task", "env_runner", "n_test"],
-            runner.get("n_test", 0),
-            "n_train + n_test >= 1",
-            "task.env_runner.n_train",
-        )
-    for split in ("train", "test"):
-        start, n = runner.get(f"{split}_start_seed", 0), runner.get(f"n_{split}", 0)
-        if start + n > MAX_SEED + 1:
-            return (
-                ["task", "env_runner", f"{split}_start_seed"],
-                start,
-                f"{split}_start_seed + n_{split} <= {MAX_SEED + 1} (numpy's seed range)",
-                f"task.env_runner.n_{split}",
-            )
-    return None
-
-
-def _lr_scheduler_known(d):
-    from diffusers.optimization import SchedulerType  # only here: diffusers imports torch
-
-    name = d["training"]["lr_scheduler"]
-    valid = [t.value for t in SchedulerType]
-    if name not in valid:
-        return (["training", "lr_scheduler"], name, "one of " + ", ".join(valid))
-    return None
-
-
-def _accumulation_fits(d):
-    t = d["training"]
-    if t.get("max_train_steps") is not None and t.get("gradient_accumulate_every", 1) > t["max_train_steps"]:
-        return (
-            ["training", "gradient_accumulate_every"],
-            t["gradient_accumulate_every"],
-            f"<= training.max_train_steps={t['max_train_steps']} (otherwise no optimizer step ever runs)",
-            "training.max_train_steps",
-        )
-    return None
-
-
-def _decay_keeps_weights(d):
-    """AdamW multiplies every weight by (1 - lr * weight_decay) per step: at >= 1 the weights flip sign."""
-    opt = d["optimizer"]
-    lr = opt.get("lr", opt.get("learning_rate"))
-    if lr is None:
-        return None
-    for name in ("weight_decay", "transformer_weight_decay", "obs_encoder_weight_decay"):
-        if name in opt and lr * opt[name] >= 1:
-            return (
-                ["optimizer", name],
-                opt[name],
-                f"a number with lr * {name} < 1 (lr={lr})",
-                "optimizer.lr",
-                "optimizer.learning_rate",
-            )
-    return None
-
-
-def _ema_range_ordered(d):
-    ema = d.get("ema")
-    if ema and ema.get("min_value", 0.0) > ema.get("max_value", 0.9999):
-        return (
-            ["ema", "min_value"],
-            ema["min_value"],
-            f"<= ema.max_value={ema.get('max_value')}",
-            "ema.max_value",
-        )
-    return None
-
-
-def _topk_name_formats(d):
-    topk = d["checkpoint"]["topk"]
-    fmt, key = topk.get("format_str"), topk["monitor_key"]
-    if fmt is None:
-        return None
-    try:
-        fmt.format(epoch=0, **{key.replace("/", "_"): 0.5})
-    except (KeyError, IndexError, ValueError) as e:
-        fields = f"{{epoch}} and {{{key.replace('/', '_')}}}"
-        return (
-            ["checkpoint", "topk", "format_str"],
-            fmt,
-            f"a file name pattern using only {fields} ({type(e).__name__}: {e})",
-            "checkpoint.topk.monitor_key",
-        )
-    return None
-
-
-def _image_shapes(d):
-    meta = d.get("shape_meta")
-    if not meta:
-        return None
-    for name, obs in meta["obs"].items():
-        if obs.get("type", "low_dim") == "rgb" and len(obs["shape"]) != 3:
-            return (
-                ["shape_meta", "obs", name, "shape"],
-                obs["shape"],
-                "[channels, height, width] for an rgb obs",
-            )
-    return None
-
-
-CROSS_FIELD_RULES = (
-    _action_window_fits,
-    _dataset_obs_steps_fit,
-    _runner_window_matches,
-    _runner_has_episodes,
-    _accumulation_fits,
-    _decay_keeps_weights,
-    _ema_range_ordered,
-    _topk_name_formats,
-    _image_shapes,
-    _lr_scheduler_known,
-)
-
-
-# ====================================================================== the check before Hydra writes
-class ConfigRejected(BaseException):
-    """Carries a :class:`ConfigError` out of a Hydra callback.
-
-    Hydra turns ordinary exceptions raised by callbacks into warnings; this one it lets through.
-    """
-
-    def __init__(self, error: ConfigError):
-        super().__init__(str(error))
-        self.error = error
-
-
-class ValidateBeforeRun(Callback):
-    """Hydra callback: check the composed config before Hydra creates the run (or sweep) directory."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, kwargs.get("config_name"))
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # swept values are not in this config yet; each job's workspace checks its own
-        self._check(config, kwargs.get("config_name"))
-
-    @staticmethod
-    def _check(config: DictConfig, config_name: str | None) -> None:
-        source = ConfigSource.from_hydra(config.hydra, config_name)
-        try:
-            validate_config(config, source, skip_unresolvable=True)
-        except ConfigError as e:
-            raise ConfigRejected(e) from None

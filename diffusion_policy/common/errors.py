@@ -7,6 +7,11 @@ Each is a ``ValueError``/``RuntimeError`` subclass so library callers can catch 
 from __future__ import annotations
 
 
+def one_line(error: BaseException | str) -> str:
+    """The text of ``error`` on one line: every run of whitespace, newlines included, as one space."""
+    return " ".join(str(error).split())
+
+
 class ConfigError(ValueError):
     """A config value (or the dataset it points to) does not fit what the code needs."""
 

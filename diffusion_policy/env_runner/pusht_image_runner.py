@@ -61,8 +61,8 @@ class PushTImageRunner(SeededEpisodeRunner, BaseImageRunner):
         super().__init__(output_dir)
         check_runner_args(
             n_train=n_train, n_train_vis=n_train_vis, n_test=n_test, n_test_vis=n_test_vis,
-            max_steps=max_steps, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, fps=fps,
-            render_size=render_size,
+            train_start_seed=train_start_seed, test_start_seed=test_start_seed, max_steps=max_steps,
+            n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, fps=fps, render_size=render_size,
         )  # fmt: skip
         self.n_obs_steps = int(n_obs_steps)
         self.n_action_steps = int(n_action_steps)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_policy.common.rules import enforce, rollout_seeds_in_range
 from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
 from diffusion_policy.env_runner.base_lowdim_runner import BaseLowdimRunner
 from diffusion_policy.env_runner.vector_rollout import SeededEpisodeRunner
@@ -50,8 +51,8 @@ def check_runner_args(**kwargs: Any) -> None:
     for name in ("max_steps", "n_obs_steps", "n_action_steps", "fps", "render_size"):
         if name in kwargs and (not isinstance(kwargs[name], int | np.integer) or kwargs[name] < 1):
             raise ValueError(f"{name} must be an int >= 1, got {kwargs[name]!r}")
-    if kwargs["n_train"] + kwargs["n_test"] < 1:
-        raise ValueError("n_train + n_test must be >= 1; there is nothing to evaluate")
+    seeds = (kwargs[k] for k in ("n_train", "n_test", "train_start_seed", "test_start_seed"))
+    enforce(rollout_seeds_in_range(*seeds))
 
 
 class PushTKeypointsRunner(SeededEpisodeRunner, BaseLowdimRunner):
@@ -93,6 +94,7 @@ class PushTKeypointsRunner(SeededEpisodeRunner, BaseLowdimRunner):
         super().__init__(output_dir)
         check_runner_args(
             n_train=n_train, n_train_vis=n_train_vis, n_test=n_test, n_test_vis=n_test_vis,
+            train_start_seed=train_start_seed, test_start_seed=test_start_seed,
             n_latency_steps=n_latency_steps, max_steps=max_steps, n_obs_steps=n_obs_steps,
             n_action_steps=n_action_steps, fps=fps, render_size=render_size,
         )  # fmt: skip

@@ -21,7 +21,7 @@ from diffusion_policy.common.checkpoint_io import (
     remove_stale_temp_files,
     save_checkpoint_file,
 )
-from diffusion_policy.common.errors import CheckpointError
+from diffusion_policy.common.errors import CheckpointError, one_line
 from diffusion_policy.common.optimizer_state import place_by_name, with_param_names
 
 
@@ -112,7 +112,7 @@ class BaseWorkspace:
             try:
                 result = target.load_state_dict(state)
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-                detail = " ".join(str(e).split())[:300]
+                detail = one_line(e)[:300]
                 raise CheckpointError(
                     f"checkpoint {source}: '{name}' does not match what this code builds from the "
                     f"checkpoint's config ({detail})"

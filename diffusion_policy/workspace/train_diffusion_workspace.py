@@ -14,7 +14,7 @@ order, and stops at ``num_epochs`` in total; the last epoch always rolls out and
 ``latest.ckpt`` is written atomically; checkpoint epochs without a rollout no longer crash the top-k;
 per-phase timings are logged.
 
-Not in the original: the config is checked against ``common.config_schema`` when the workspace is built, and
+Not in the original: the config is checked against ``common.config_check`` when the workspace is built, and
 SIGINT / SIGTERM stop ``run()`` between two steps, dropping the unfinished epoch (``common.shutdown``).
 """
 
@@ -41,9 +41,10 @@ from tqdm import tqdm
 
 from diffusion_policy.common import distributed, shutdown
 from diffusion_policy.common.checkpoint_util import TopKCheckpointManager
-from diffusion_policy.common.config_schema import ConfigSource, validate_config
+from diffusion_policy.common.config_check import validate_config
+from diffusion_policy.common.config_origin import ConfigSource
 from diffusion_policy.common.device_util import resolve_device
-from diffusion_policy.common.errors import ConfigError, RunInterrupted, WorkerDiedError
+from diffusion_policy.common.errors import ConfigError, RunInterrupted, WorkerDiedError, one_line
 from diffusion_policy.common.json_logger import JsonLogger
 from diffusion_policy.common.pytorch_util import (
     dict_apply,
@@ -51,6 +52,7 @@ from diffusion_policy.common.pytorch_util import (
     training_autocast,
     warn_if_bf16_is_emulated,
 )
+from diffusion_policy.common.rules import accumulation_fits_epoch, enforce
 from diffusion_policy.common.wandb_logger import WandbLogger
 from diffusion_policy.model.common.lr_scheduler import get_scheduler
 from diffusion_policy.workspace.base_workspace import BaseWorkspace
@@ -71,8 +73,7 @@ def build(node: DictConfig, what: str, **kwargs) -> Any:
         if isinstance(cause, (FileNotFoundError, ValueError, TypeError, KeyError)):
             target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
             raise ConfigError(f"{what} ({target}): {cause}") from cause
-        msg = " ".join(str(e).split())
-        raise ConfigError(f"{what}: {msg}") from e
+        raise ConfigError(f"{what}: {one_line(e)}") from e
 
 
 def build_policy_optimizer(policy: torch.nn.Module, node: DictConfig) -> torch.optim.Optimizer:
@@ -225,13 +226,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         steps_per_epoch = len(train_loader)
         if cfg.training.max_train_steps is not None:
             steps_per_epoch = min(steps_per_epoch, cfg.training.max_train_steps)
-        if cfg.training.gradient_accumulate_every > steps_per_epoch:
-            # the accumulation counter restarts every epoch, so the optimizer would never step
-            raise ConfigError(
-                f"training.gradient_accumulate_every={cfg.training.gradient_accumulate_every} exceeds the "
-                f"{steps_per_epoch} training steps of an epoch, so no optimizer step would ever run; "
-                f"use a value <= {steps_per_epoch}"
-            )
+        enforce(
+            accumulation_fits_epoch(
+                cfg.training.gradient_accumulate_every, cfg.training.max_train_steps, len(train_loader)
+            ),
+            ConfigError,
+            block="training",
+        )
         self.lr_scheduler = get_scheduler(
             cfg.training.lr_scheduler,
             optimizer=self.optimizer,

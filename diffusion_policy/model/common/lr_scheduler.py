@@ -12,6 +12,8 @@ from __future__ import annotations
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from diffusion_policy.common.rules import enforce, lr_schedule_known
+
 
 def get_scheduler(
     name: str,
@@ -24,11 +26,8 @@ def get_scheduler(
     """A ``LambdaLR`` for the diffusers schedule ``name`` (linear, cosine, constant_with_warmup, ...)."""
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
-    try:
-        schedule_type = SchedulerType(name)
-    except ValueError:
-        valid = ", ".join(t.value for t in SchedulerType)
-        raise ValueError(f"training.lr_scheduler={name!r} is unknown; use one of: {valid}") from None
+    enforce(lr_schedule_known(name))
+    schedule_type = SchedulerType(name)
     schedule_func = TYPE_TO_SCHEDULER_FUNCTION[schedule_type]
     if schedule_type == SchedulerType.CONSTANT:
         scheduler = schedule_func(optimizer, **kwargs)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from diffusion_policy.common.rules import ema_decay_in_range, enforce
+
 
 class EMAModel:
     """Keeps ``averaged_model`` as an EMA of the live model passed to :meth:`step`.
@@ -35,10 +37,7 @@ class EMAModel:
         min_value: float = 0.0,
         max_value: float = 0.9999,
     ) -> None:
-        if inv_gamma <= 0:
-            raise ValueError(f"EMAModel: inv_gamma={inv_gamma} must be > 0")
-        if not 0.0 <= min_value <= max_value <= 1.0:
-            raise ValueError(f"EMAModel: need 0 <= min_value ({min_value}) <= max_value ({max_value}) <= 1")
+        enforce(ema_decay_in_range(inv_gamma, power, min_value, max_value), who="EMAModel")
         self.averaged_model = model
         self.averaged_model.eval()
         self.averaged_model.requires_grad_(False)

@@ -9,6 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from diffusion_policy.common.errors import one_line
+
 
 def _resolve_weights(name: str, weights: Any) -> Any:
     """A torchvision weights enum for ``weights`` ("IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", ...)."""
@@ -16,7 +18,7 @@ def _resolve_weights(name: str, weights: Any) -> Any:
         return torchvision.models.get_model_weights(name).verify(weights)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(
-            f"get_resnet: unknown weights {weights!r} for {name} ({' '.join(str(e).split())}); "
+            f"get_resnet: unknown weights {weights!r} for {name} ({one_line(e)}); "
             "use weights=null for random initialisation"
         ) from None
 
@@ -94,9 +96,8 @@ def get_resnet(name: str, weights: Any = None, width: int | None = None, **kwarg
             raise
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         file_name = Path(weights.url).name
-        reason = " ".join(str(e).split())
         raise ValueError(
-            f"get_resnet: cannot load pretrained weights {name} {weights} ({reason}); use weights=null "
+            f"get_resnet: cannot load pretrained weights {name} {weights} ({one_line(e)}); use weights=null "
             f"for random initialisation, or put {file_name} (from {weights.url}) in {cache}"
         ) from None
     if not isinstance(getattr(model, "fc", None), nn.Module):
