@@ -405,7 +405,7 @@ def test_image_policy_predicts_trains_and_steps_online(image_data):
 def test_policy_construction_errors():
     with pytest.raises(ValueError, match="model input_dim=2 does not match"):
         DiffusionTransformerLowdimPolicy(tiny_model(), ddpm(), HORIZON, 20, 2, TA, TO, obs_as_cond=False)
-    with pytest.raises(ValueError, match="n_action_steps=16 does not fit"):
+    with pytest.raises(ValueError, match="n_action_steps=16 is not allowed"):
         DiffusionTransformerLowdimPolicy(tiny_model(), ddpm(), HORIZON, 20, 2, 16, TO, obs_as_cond=True)
     with pytest.raises(ValueError, match="pred_action_steps_only=True needs obs_as_cond=True"):
         image_policy(obs_as_cond=False, pred_action_steps_only=True)

@@ -440,7 +440,7 @@ def test_use_sampler_swaps_the_scheduler(image_data):
     ("overrides", "match"),
     [
         ({"horizon": 18, "down_dims": [32, 64, 128]}, "horizon=18 is not divisible by 4"),
-        ({"n_action_steps": 16}, r"n_action_steps=16 does not fit.*must be <= 15"),
+        ({"n_action_steps": 16}, r"n_action_steps=16 is not allowed: an integer <= 15"),
         ({"shape_meta": {"obs": SHAPE_META["obs"], "action": {}}}, "no action shape"),
         ({"shape_meta": {"action": {"shape": [2]}}}, "shape_meta has no 'obs' entry"),
         ({"noise_scheduler": ddpm("v_prediction")}, "prediction_type='v_prediction'"),

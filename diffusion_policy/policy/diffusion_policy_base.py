@@ -24,11 +24,11 @@ from torch import nn
 from diffusion_policy.common.online_queues import OnlineQueues, check_step_keys, check_window, step_is_batched
 from diffusion_policy.model.common.module_attr_mixin import ModuleAttrMixin
 from diffusion_policy.model.common.normalizer import LinearNormalizer
+from diffusion_policy.policy.action_window import ActionWindow
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
 from diffusion_policy.policy.denoising import conditional_sample, diffusion_loss, inpainting_mask_generator
 from diffusion_policy.policy.samplers import check_scheduler
-from diffusion_policy.policy.shape_checks import check_action_window
 
 NORMALIZER_HINT = "call set_normalizer(dataset.get_normalizer()) first"
 Inputs = tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor | None]]
@@ -40,13 +40,10 @@ class DiffusionPolicyBase(ModuleAttrMixin):
     Args:
         model: the denoiser, ``model(trajectory (B, L, D), t, **conditions) -> (B, L, D)``.
         noise_scheduler: a diffusers scheduler (DDPM, DDIM) or :class:`FlowMatchingScheduler`.
-        horizon: T, the predicted window; ``n_obs_steps`` To, ``n_action_steps`` Ta.
-        action_dim: Da, the first Da channels of the trajectory.
-        action_start: index of the first executed action in the predicted window.
+        window: the action window (horizon, To, Ta, Da, where the executed actions start).
         obs_shapes: {key: shape} of the raw observations ``select_action`` takes.
-        inpaint_dim: channels after the actions that are inpainted (obs or features), 0 when conditioning.
         num_inference_steps, step_kwargs: sampling steps and extra ``noise_scheduler.step`` arguments.
-        pred_action_steps_only: the denoiser predicts only the Ta executed steps.
+        inpaint_dim: channels after the actions that are inpainted (obs or features), 0 when conditioning.
         obs_encoder: registered first when given, as the original's image policies do.
 
     Registration order is the original's: (``obs_encoder``,) ``model``, ``mask_generator``, ``normalizer``;
@@ -57,42 +54,38 @@ class DiffusionPolicyBase(ModuleAttrMixin):
 
     def __init__(
         self,
-        *,
         model: nn.Module,
         noise_scheduler: Any,
-        horizon: int,
-        action_dim: int,
-        n_action_steps: int,
-        n_obs_steps: int,
-        action_start: int,
+        window: ActionWindow,
         obs_shapes: Mapping[str, tuple[int, ...]],
+        num_inference_steps: int | None,
+        step_kwargs: Mapping[str, Any],
         inpaint_dim: int = 0,
-        num_inference_steps: int | None = None,
-        step_kwargs: Mapping[str, Any] | None = None,
-        pred_action_steps_only: bool = False,
         obs_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        step_kwargs = dict(step_kwargs or {})
+        step_kwargs = dict(step_kwargs)
         self.num_inference_steps = check_scheduler(noise_scheduler, num_inference_steps, step_kwargs)
-        check_action_window(horizon, n_obs_steps, n_action_steps, action_start)
         if obs_encoder is not None:
             self.obs_encoder = obs_encoder
         self.model = model
         self.noise_scheduler = noise_scheduler
         self.mask_generator = inpainting_mask_generator(
-            action_dim, inpaint_dim, n_obs_steps, inpaint=inpaint_dim > 0
+            window.action_dim, inpaint_dim, window.n_obs_steps, inpaint=inpaint_dim > 0
         )
         self.normalizer = LinearNormalizer()
-        self.horizon = horizon
-        self.action_dim = action_dim
-        self.n_action_steps = n_action_steps
-        self.n_obs_steps = n_obs_steps
-        self.action_start = action_start
-        self.pred_action_steps_only = pred_action_steps_only
+        self.window = window
         self.obs_shapes = dict(obs_shapes)
         self.kwargs = step_kwargs
-        self._queues = OnlineQueues(n_obs_steps, torch.stack)
+        self._queues = OnlineQueues(window.n_obs_steps, torch.stack)
+
+    # the window's numbers, under the names the original's policies have them
+    horizon = property(lambda self: self.window.horizon)
+    n_obs_steps = property(lambda self: self.window.n_obs_steps)
+    n_action_steps = property(lambda self: self.window.n_action_steps)
+    action_dim = property(lambda self: self.window.action_dim)
+    action_start = property(lambda self: self.window.action_start)
+    pred_action_steps_only = property(lambda self: self.window.pred_action_steps_only)
 
     # ---------------- what each policy defines ----------------
     def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
@@ -113,11 +106,6 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         missing = [k for k in self.normalizer_keys if k not in self.normalizer]
         if missing:
             raise RuntimeError(f"{type(self).__name__} normalizer lacks {missing}; {NORMALIZER_HINT}")
-
-    @property
-    def sample_length(self) -> int:
-        """L: the length of the denoised trajectory."""
-        return self.n_action_steps if self.pred_action_steps_only else self.horizon
 
     @torch.no_grad()
     def predict_action(
@@ -196,8 +184,10 @@ class LowdimDiffusionPolicy(DiffusionPolicyBase, BaseLowdimPolicy):
 
     normalizer_keys = ("action", "obs")
 
-    def __init__(self, *, obs_dim: int, **kwargs: Any) -> None:
-        super().__init__(obs_shapes={"obs": (obs_dim,)}, **kwargs)
+    def __init__(
+        self, obs_dim: int, model: nn.Module, noise_scheduler: Any, window: ActionWindow, *args: Any
+    ) -> None:
+        super().__init__(model, noise_scheduler, window, {"obs": (obs_dim,)}, *args)
         self.obs_dim = obs_dim
 
     def normalized_obs(self, obs_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
-from diffusion_policy.model.vision.robomimic_style_obs_encoder import RobomimicStyleObsEncoder
+from diffusion_policy.policy.action_window import ActionWindow
 from diffusion_policy.policy.denoising import inpainting_condition
 from diffusion_policy.policy.diffusion_policy_base import ImageDiffusionPolicy, Inputs
+from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import hybrid_obs_encoder
 from diffusion_policy.policy.shape_checks import action_dim_from_shape_meta, shape_meta_obs_shapes
 
 
@@ -55,16 +56,11 @@ class DiffusionTransformerHybridImagePolicy(ImageDiffusionPolicy):
     ) -> None:
         if pred_action_steps_only and not obs_as_cond:
             raise ValueError("pred_action_steps_only=True needs obs_as_cond=True")
-        # cheap shape_meta checks before the ResNet is built
+        obs_encoder = hybrid_obs_encoder(
+            shape_meta, crop_shape, obs_encoder_group_norm, eval_fixed_crop, obs_encoder_backbone_width
+        )
         obs_shapes = shape_meta_obs_shapes(shape_meta)
         action_dim = action_dim_from_shape_meta(shape_meta)
-        obs_encoder = RobomimicStyleObsEncoder(
-            shape_meta["obs"],
-            crop_shape=crop_shape,
-            use_group_norm=obs_encoder_group_norm,
-            eval_fixed_crop=eval_fixed_crop,
-            backbone_width=obs_encoder_backbone_width,
-        )
         obs_feature_dim = obs_encoder.output_dim
         input_dim = action_dim if obs_as_cond else action_dim + obs_feature_dim
         model = TransformerForDiffusion(
@@ -83,20 +79,10 @@ class DiffusionTransformerHybridImagePolicy(ImageDiffusionPolicy):
             obs_as_cond=obs_as_cond,
             n_cond_layers=n_cond_layers,
         )
+        window = ActionWindow(horizon, n_obs_steps, n_action_steps, action_dim, True, pred_action_steps_only)
+        inpaint_dim = 0 if obs_as_cond else obs_feature_dim
         super().__init__(
-            model=model,
-            noise_scheduler=noise_scheduler,
-            horizon=horizon,
-            action_dim=action_dim,
-            n_action_steps=n_action_steps,
-            n_obs_steps=n_obs_steps,
-            action_start=n_obs_steps - 1,
-            obs_shapes=obs_shapes,
-            inpaint_dim=0 if obs_as_cond else obs_feature_dim,
-            num_inference_steps=num_inference_steps,
-            step_kwargs=kwargs,
-            pred_action_steps_only=pred_action_steps_only,
-            obs_encoder=obs_encoder,
+            model, noise_scheduler, window, obs_shapes, num_inference_steps, kwargs, inpaint_dim, obs_encoder
         )
         self.obs_feature_dim = obs_feature_dim
         self.obs_as_cond = obs_as_cond
@@ -106,7 +92,7 @@ class DiffusionTransformerHybridImagePolicy(ImageDiffusionPolicy):
         the inpainting condition."""
         features = self.encode(obs_dict, self.n_obs_steps)
         if self.obs_as_cond:
-            shape = (features.shape[0], self.sample_length, self.action_dim)
+            shape = (features.shape[0], self.window.sample_length, self.action_dim)
             return torch.zeros(shape, device=self.device, dtype=self.dtype), None, {"cond": features}
         data, mask = inpainting_condition(features, self.horizon, self.action_dim)
         return data, mask, {}

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
+from diffusion_policy.policy.action_window import ActionWindow
 from diffusion_policy.policy.denoising import inpainting_condition
 from diffusion_policy.policy.diffusion_policy_base import Inputs, LowdimDiffusionPolicy
 
@@ -42,25 +43,14 @@ class DiffusionTransformerLowdimPolicy(LowdimDiffusionPolicy):
     ) -> None:
         if pred_action_steps_only and not obs_as_cond:
             raise ValueError("pred_action_steps_only=True needs obs_as_cond=True")
-        super().__init__(
-            model=model,
-            noise_scheduler=noise_scheduler,
-            horizon=horizon,
-            obs_dim=obs_dim,
-            action_dim=action_dim,
-            n_action_steps=n_action_steps,
-            n_obs_steps=n_obs_steps,
-            action_start=n_obs_steps - 1,
-            inpaint_dim=0 if obs_as_cond else obs_dim,
-            num_inference_steps=num_inference_steps,
-            step_kwargs=kwargs,
-            pred_action_steps_only=pred_action_steps_only,
-        )
+        window = ActionWindow(horizon, n_obs_steps, n_action_steps, action_dim, True, pred_action_steps_only)
+        inpaint_dim = 0 if obs_as_cond else obs_dim
+        super().__init__(obs_dim, model, noise_scheduler, window, num_inference_steps, kwargs, inpaint_dim)
         expected = {
             "input_dim": action_dim if obs_as_cond else action_dim + obs_dim,
             "output_dim": action_dim if obs_as_cond else action_dim + obs_dim,
             "cond_dim": obs_dim if obs_as_cond else 0,
-            "horizon": self.sample_length,
+            "horizon": window.sample_length,
         }
         for name, want in expected.items():
             got = getattr(model, name, want)
@@ -81,7 +71,7 @@ class DiffusionTransformerLowdimPolicy(LowdimDiffusionPolicy):
         """obs_dict["obs"]: (B, >=To, Do) raw -> condition tokens, or the inpainting condition."""
         nobs = self.normalized_obs(obs_dict)
         if self.obs_as_cond:
-            shape = (nobs.shape[0], self.sample_length, self.action_dim)
+            shape = (nobs.shape[0], self.window.sample_length, self.action_dim)
             return torch.zeros(shape, device=self.device, dtype=self.dtype), None, {"cond": nobs}
         data, mask = inpainting_condition(nobs, self.horizon, self.action_dim)
         return data, mask, {}

@@ -10,6 +10,18 @@ from diffusion_policy.policy.diffusion_unet_image_policy import DiffusionUnetIma
 from diffusion_policy.policy.shape_checks import action_dim_from_shape_meta, shape_meta_obs_shapes
 
 
+def hybrid_obs_encoder(
+    shape_meta: Mapping, crop_shape, group_norm: bool, eval_fixed_crop: bool, backbone_width: int
+) -> RobomimicStyleObsEncoder:
+    """The hybrid policies' encoder from their constructor arguments, after the cheap ``shape_meta`` checks
+    (so a bad one fails before a ResNet is built)."""
+    shape_meta_obs_shapes(shape_meta)
+    action_dim_from_shape_meta(shape_meta)
+    return RobomimicStyleObsEncoder(
+        shape_meta["obs"], crop_shape, group_norm, eval_fixed_crop, backbone_width=backbone_width
+    )
+
+
 class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
     """:class:`DiffusionUnetImagePolicy` with the robomimic-style encoder (ResNet-18 trunk -> spatial
     softmax -> Linear -> ReLU per rgb key, 64 features; low-dim keys raw; 66 per frame for PushT).
@@ -41,15 +53,8 @@ class DiffusionUnetHybridImagePolicy(DiffusionUnetImagePolicy):
         eval_fixed_crop: bool = False,
         **kwargs,
     ) -> None:
-        # cheap shape_meta checks before the ResNet is built
-        shape_meta_obs_shapes(shape_meta)
-        action_dim_from_shape_meta(shape_meta)
-        obs_encoder = RobomimicStyleObsEncoder(
-            shape_meta["obs"],
-            crop_shape=crop_shape,
-            use_group_norm=obs_encoder_group_norm,
-            eval_fixed_crop=eval_fixed_crop,
-            backbone_width=obs_encoder_backbone_width,
+        obs_encoder = hybrid_obs_encoder(
+            shape_meta, crop_shape, obs_encoder_group_norm, eval_fixed_crop, obs_encoder_backbone_width
         )
         super().__init__(
             shape_meta=shape_meta,

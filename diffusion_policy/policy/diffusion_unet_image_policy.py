@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
+from diffusion_policy.policy.action_window import ActionWindow
 from diffusion_policy.policy.denoising import inpainting_condition
 from diffusion_policy.policy.diffusion_policy_base import ImageDiffusionPolicy, Inputs
 from diffusion_policy.policy.shape_checks import (
@@ -68,19 +69,10 @@ class DiffusionUnetImagePolicy(ImageDiffusionPolicy):
             cond_predict_scale=cond_predict_scale,
         )
         check_sequence_length(model, horizon, "horizon")
+        window = ActionWindow(horizon, n_obs_steps, n_action_steps, action_dim)
+        inpaint_dim = 0 if obs_as_global_cond else obs_feature_dim
         super().__init__(
-            model=model,
-            noise_scheduler=noise_scheduler,
-            horizon=horizon,
-            action_dim=action_dim,
-            n_action_steps=n_action_steps,
-            n_obs_steps=n_obs_steps,
-            action_start=n_obs_steps - 1,
-            obs_shapes=obs_shapes,
-            inpaint_dim=0 if obs_as_global_cond else obs_feature_dim,
-            num_inference_steps=num_inference_steps,
-            step_kwargs=kwargs,
-            obs_encoder=obs_encoder,
+            model, noise_scheduler, window, obs_shapes, num_inference_steps, kwargs, inpaint_dim, obs_encoder
         )
         self.obs_feature_dim = obs_feature_dim
         self.obs_as_global_cond = obs_as_global_cond

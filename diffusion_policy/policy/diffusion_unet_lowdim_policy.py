@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
+from diffusion_policy.policy.action_window import ActionWindow
 from diffusion_policy.policy.denoising import inpainting_condition
 from diffusion_policy.policy.diffusion_policy_base import Inputs, LowdimDiffusionPolicy
 from diffusion_policy.policy.shape_checks import check_sequence_length
@@ -49,23 +50,13 @@ class DiffusionUnetLowdimPolicy(LowdimDiffusionPolicy):
         if pred_action_steps_only and not obs_as_global_cond:
             raise ValueError("pred_action_steps_only=True needs obs_as_global_cond=True")
         inpaint = not (obs_as_local_cond or obs_as_global_cond)
-        super().__init__(
-            model=model,
-            noise_scheduler=noise_scheduler,
-            horizon=horizon,
-            obs_dim=obs_dim,
-            action_dim=action_dim,
-            n_action_steps=n_action_steps,
-            n_obs_steps=n_obs_steps,
-            action_start=n_obs_steps - 1 if oa_step_convention else n_obs_steps,
-            inpaint_dim=obs_dim if inpaint else 0,
-            num_inference_steps=num_inference_steps,
-            step_kwargs=kwargs,
-            pred_action_steps_only=pred_action_steps_only,
+        window = ActionWindow(
+            horizon, n_obs_steps, n_action_steps, action_dim, oa_step_convention, pred_action_steps_only
         )
-        check_sequence_length(
-            model, self.sample_length, "n_action_steps" if pred_action_steps_only else "horizon"
-        )
+        inpaint_dim = obs_dim if inpaint else 0
+        super().__init__(obs_dim, model, noise_scheduler, window, num_inference_steps, kwargs, inpaint_dim)
+        what = "n_action_steps" if pred_action_steps_only else "horizon"
+        check_sequence_length(model, window.sample_length, what)
         self._check_model_dims(model, obs_dim, action_dim, n_obs_steps, obs_as_local_cond, obs_as_global_cond)
         self.obs_as_local_cond = obs_as_local_cond
         self.obs_as_global_cond = obs_as_global_cond
@@ -93,7 +84,7 @@ class DiffusionUnetLowdimPolicy(LowdimDiffusionPolicy):
         """obs_dict["obs"]: (B, >=To, Do) raw -> the UNet's condition (see the class docstring)."""
         nobs = self.normalized_obs(obs_dict)
         B, To, Do = nobs.shape
-        shape = (B, self.sample_length, self.action_dim)
+        shape = (B, self.window.sample_length, self.action_dim)
         device, dtype = self.device, self.dtype
         if self.obs_as_local_cond:
             local_cond = torch.zeros(B, self.horizon, Do, device=device, dtype=dtype)

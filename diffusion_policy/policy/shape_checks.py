@@ -1,4 +1,4 @@
-"""Construction checks on shapes: the action window, the UNet's sequence length and ``shape_meta``."""
+"""Construction checks on shapes: the UNet's sequence length, ``shape_meta`` and the encoder's output."""
 
 from __future__ import annotations
 
@@ -17,18 +17,6 @@ def action_dim_from_shape_meta(shape_meta: Mapping) -> int:
     if len(shape) != 1:
         raise ValueError(f"shape_meta action shape {shape} must be 1-D, e.g. [2]")
     return int(shape[0])
-
-
-def check_action_window(horizon: int, n_obs_steps: int, n_action_steps: int, start: int) -> None:
-    """The executed actions ``[start, start + n_action_steps)`` must lie inside the predicted horizon."""
-    if n_obs_steps < 1 or n_action_steps < 1:
-        raise ValueError(f"n_obs_steps={n_obs_steps} and n_action_steps={n_action_steps} must be >= 1")
-    if start + n_action_steps > horizon:
-        raise ValueError(
-            f"n_action_steps={n_action_steps} does not fit: actions start at step {start} "
-            f"(from n_obs_steps={n_obs_steps}) of horizon={horizon}, "
-            f"so n_action_steps must be <= {horizon - start}"
-        )
 
 
 def check_sequence_length(model: nn.Module, length: int, what: str) -> None:
