@@ -13,8 +13,8 @@ evaluation rows are the lines that carry ``test/mean_score``. Per run we take
 Several runs (seeds) are averaged per metric, as the original's ``multirun_metrics`` does, and the result
 is printed as a markdown table row:
 
-    python benchmarks/aggregate_metrics.py outputs/seed42 outputs/seed43 outputs/seed44 --label "state CNN"
-    python benchmarks/aggregate_metrics.py run/logs.json.txt --header --json
+    python -m benchmarks.aggregate_metrics outputs/seed42 outputs/seed43 outputs/seed44 --label "state CNN"
+    python -m benchmarks.aggregate_metrics run/logs.json.txt --header --json
 """
 
 from __future__ import annotations

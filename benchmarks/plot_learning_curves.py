@@ -4,7 +4,7 @@ Panels: ``test/mean_score`` (and ``train/mean_score``, dashed) against epoch; th
 hours when the log carries elapsed time; train loss (epoch mean) and validation loss against epoch (log
 scale); ``test/success_rate`` against epoch when logged. Runs are overlaid, one colour each.
 
-    python benchmarks/plot_learning_curves.py data/outputs/RUN1 data/outputs/RUN2 \\
+    python -m benchmarks.plot_learning_curves data/outputs/RUN1 data/outputs/RUN2 \\
         --labels "paper state,CPU recipe" --out docs/img/pusht_state_curves.png
 """
 
@@ -19,7 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from aggregate_metrics import (  # noqa: E402  (sibling script: the script's folder is on sys.path)
+
+from benchmarks.aggregate_metrics import (  # noqa: E402
     SCORE_KEY,
     SUCCESS_KEY,
     eval_rows,

@@ -1,21 +1,21 @@
 """Where one image-training optimizer step spends its time, and what cheap changes to it buy.
 
-    python benchmarks/profile_image_training.py                 # paper hybrid recipe: per-stage profile
-    python benchmarks/profile_image_training.py policy.down_dims=[64,128,256] dataloader.batch_size=128
-    python benchmarks/profile_image_training.py --ab baseline,channels_last,adamw_fused policy.down_dims=[...]
-    python benchmarks/profile_image_training.py --ab baseline \\
+    python -m benchmarks.profile_image_training                 # paper hybrid recipe: per-stage profile
+    python -m benchmarks.profile_image_training policy.down_dims=[64,128,256] dataloader.batch_size=128
+    python -m benchmarks.profile_image_training --ab baseline,channels_last,adamw_fused policy.down_dims=[...]
+    python -m benchmarks.profile_image_training --ab baseline \\
         --variant 'crop76=policy.crop_shape=[76,76]' --variant 'b128=dataloader.batch_size=128'
-    python benchmarks/profile_image_training.py --smoke             # tiny network, 1-2 steps: plumbing only
+    python -m benchmarks.profile_image_training --smoke             # tiny network, 1-2 steps: plumbing only
 
 The recipe is composed from the shipped Hydra configs (``--config-name``, default the paper's hybrid image
 recipe) with the positional Hydra overrides applied, and built with ``hydra.utils.instantiate`` on the real
-PushT image dataset, as ``benchmarks/run.py`` does. One step is what the training loop does: next batch
-from the recipe's ``DataLoader``, ``compute_loss``, ``backward``, ``optimizer.step`` + ``zero_grad``, LR
-schedule, EMA update, ``loss.item()``.
+PushT image dataset, as ``benchmarks.run`` does. One step is what the training loop does: next batch from
+the recipe's ``DataLoader``, then the workspace's own ``train_step`` (``compute_loss``, ``backward``,
+``optimizer.step`` + ``zero_grad``, LR schedule, EMA update), then ``loss.item()``.
 
-Stages of a step (wall time, ms; forward/backward hooks, no profiler):
+Stages of a step (wall time, ms; module, gradient and optimizer hooks, no profiler):
   data            next(loader): dataset __getitem__ (uint8 frames -> float) and collation, or the wait for a
-                  loader worker; plus the (no-op on CPU) move to the device
+                  loader worker; plus the (no-op on CPU) move to the device and entering autocast
   crop            the random-crop augmentation inside the encoder (CropRandomizer modules)
   encoder_fwd     the observation encoder's forward, crop excluded
   unet_fwd        the ConditionalUnet1D forward
@@ -43,8 +43,6 @@ clean as the machine was idle.
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import shlex
 import shutil
 import statistics
@@ -56,23 +54,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from run import (  # noqa: E402
-    CONFIG_DIR,
-    IMAGE_RECIPE,
-    Recorder,
-    find_pusht_zarr,
-    hardware_string,
-    log,
-    n_params,
-    seed_everything,
-    write_subset_zarr,
-)
-
-from diffusion_policy.common.config_resolvers import register_resolvers  # noqa: E402
+from benchmarks import recipes
+from benchmarks.measure import Recorder, hardware_string, load_avg, log, set_threads
+from benchmarks.recipes import RecipeTraining
+from benchmarks.run import IMAGE_RECIPE
+from diffusion_policy.model.diffusion.ema_model import EMAModel
 
 STAGES = (
     "data",
@@ -94,45 +83,35 @@ SMOKE_OVERRIDES = (
     "dataloader.batch_size=4",
     "dataloader.num_workers=0",
 )
-# tweaks: changes to the step that no config key expresses today, measured to decide whether to adopt them
-TWEAKS = (
-    "channels_last",
-    "adamw_foreach",
-    "adamw_fused",
-    "uint8",
-    "ema_muladd",
-    "ema_loop",
-    "workers",
-    "threads",
-    "bf16",
-)
+# tweaks: changes to the step, measured to decide whether to adopt them. Flags (@name) and counts (@name=N);
+# each flag is also a built-in variant of the same name
+FLAG_TWEAKS = ("channels_last", "adamw_foreach", "adamw_fused", "uint8", "ema_muladd", "ema_loop", "bf16")
 COUNT_TWEAKS = ("workers", "threads")
+TWEAKS = FLAG_TWEAKS + COUNT_TWEAKS
+# the tweaks that config keys express: they become these Hydra overrides of the recipe
+TWEAK_OVERRIDES = {
+    "adamw_foreach": "++optimizer.foreach=true",
+    "adamw_fused": "++optimizer.fused=true",
+    "bf16": "training.mixed_precision=bf16",
+}
 BUILTIN_VARIANTS = {
     "baseline": "",
-    "channels_last": "@channels_last",
-    "adamw_foreach": "@adamw_foreach",
-    "adamw_fused": "@adamw_fused",
-    "uint8": "@uint8",
-    "ema_muladd": "@ema_muladd",
-    "ema_loop": "@ema_loop",
-    "workers0": "@workers=0",
-    "workers1": "@workers=1",
-    "workers2": "@workers=2",
-    "threads1": "@threads=1",
-    "threads2": "@threads=2",
-    "bf16": "@bf16",
+    **{name: f"@{name}" for name in FLAG_TWEAKS},
+    **{f"workers{n}": f"@workers={n}" for n in (0, 1, 2)},
+    **{f"threads{n}": f"@threads={n}" for n in (1, 2)},
 }
 TWEAK_HELP = """tweaks (@name in a --variant, or the built-in variant of that name):
   @channels_last   encoder weights (live and EMA) in channels_last memory format
-  @adamw_foreach   the recipe's optimizer with foreach=True (torch's CPU default is the per-tensor loop)
-  @adamw_fused     the recipe's optimizer with fused=True
+  @adamw_foreach   the recipe's optimizer with foreach=True (torch's CPU default is the per-tensor loop):
+                   the override ++optimizer.foreach=true
+  @adamw_fused     the recipe's optimizer with fused=True (++optimizer.fused=true)
   @uint8           the dataset hands out uint8 frames; the batch becomes float / 255 after collation
-  @ema_muladd      EMA update as _foreach_mul_ + _foreach_add_ (the shipped one is one _foreach_lerp_)
-  @ema_loop        EMA update as a per-parameter Python loop (the original's way), for reference
+  @ema_muladd      EMA update as _foreach_mul_ + _foreach_add_ (the shipped EMAModel's is one _foreach_lerp_)
+  @ema_loop        EMA update as a per-parameter loop (the original's way), for reference
   @workers=N       N loader worker processes (started untimed at every round, stopped after it)
   @threads=N       torch.set_num_threads(N) while this variant runs
-  @bf16            forward pass (encoder, UNet, loss) in bfloat16 autocast, as training.mixed_precision=bf16
-                   does; the backward follows the autocast graph, weights and optimizer stay float32
+  @bf16            training.mixed_precision=bf16: forward pass (encoder, UNet, loss) in bfloat16 autocast;
+                   the backward follows the autocast graph, weights and optimizer stay float32
 """
 
 
@@ -141,25 +120,34 @@ TWEAK_HELP = """tweaks (@name in a --variant, or the built-in variant of that na
 
 
 class StageClock:
-    """Forward hooks on the encoder, its crop modules and the UNet, and a gradient hook on the encoder's
-    output, that time-stamp the stages of one training step."""
+    """Hooks that time-stamp the stages of one training step: forward pre/post hooks on the loss module
+    (``compute_loss`` starts and ends), forward hooks on the encoder, its crop modules and the UNet, a
+    gradient hook on the encoder's output (the UNet part of backward is done), an optimizer step pre-hook
+    (backward is done) and a stamp around the EMA update."""
 
-    def __init__(self, policy: torch.nn.Module) -> None:
+    def __init__(self, training: RecipeTraining) -> None:
         from diffusion_policy.model.vision.crop_randomizer import CropRandomizer
 
         self.marks: dict[str, float] = {}
         self.crop_s = 0.0
         self._crop_t0 = 0.0
         self.handles = []
+        policy, loss_module = training.model, training.train_module
         enc, unet = policy.obs_encoder, policy.model
-        self.handles.append(enc.register_forward_pre_hook(lambda *_: self._mark("enc0")))
+        for module, key in ((loss_module, "loss"), (enc, "enc"), (unet, "unet")):
+            self.handles.append(module.register_forward_pre_hook(lambda *_, k=f"{key}0": self._mark(k)))
+        self.handles.append(loss_module.register_forward_hook(lambda *_: self._mark("loss1")))
         self.handles.append(enc.register_forward_hook(self._encoder_done))
-        self.handles.append(unet.register_forward_pre_hook(lambda *_: self._mark("unet0")))
         self.handles.append(unet.register_forward_hook(lambda *_: self._mark("unet1")))
         for module in enc.modules():
             if isinstance(module, CropRandomizer):
                 self.handles.append(module.register_forward_pre_hook(self._crop_start))
                 self.handles.append(module.register_forward_hook(self._crop_end))
+        self.handles.append(
+            training.workspace.optimizer.register_step_pre_hook(lambda *_: self._mark("backward1"))
+        )
+        if training.workspace.ema is not None:
+            training.workspace.ema = StampedEMA(training.workspace.ema, self._mark)
 
     def _mark(self, key: str) -> None:
         self.marks[key] = time.perf_counter()
@@ -176,6 +164,28 @@ class StageClock:
             # fires when backward has produced d(loss)/d(features): the UNet part of backward is done
             output.register_hook(lambda grad: self._mark("enc_grad"))
 
+    def stages(self, t0: float, t_step: float) -> dict[str, float]:
+        """Seconds per stage of the step that began at ``t0`` (``next(loader)``), whose ``train_step``
+        returned at ``t_step``; "other" runs from there to now (``loss.item()``)."""
+        m, now = self.marks, time.perf_counter()
+        ema1 = m.get("ema1", t_step)
+        ema0 = m.get("ema0", ema1)
+        backward1 = m.get("backward1", ema0)  # no optimizer step on an accumulating batch
+        enc, unet = m["enc1"] - m["enc0"], m["unet1"] - m["unet0"]
+        back_unet = m.get("enc_grad", backward1) - m["loss1"]
+        return {
+            "data": m["loss0"] - t0,
+            "crop": self.crop_s,
+            "encoder_fwd": enc - self.crop_s,
+            "unet_fwd": unet,
+            "loss_other": (m["loss1"] - m["loss0"]) - enc - unet,
+            "backward_unet": back_unet,
+            "backward_enc": (backward1 - m["loss1"]) - back_unet,
+            "optimizer": ema0 - backward1,
+            "ema": ema1 - ema0,
+            "other": now - ema1,
+        }
+
     def reset(self) -> None:
         self.marks.clear()
         self.crop_s = 0.0
@@ -185,36 +195,38 @@ class StageClock:
             h.remove()
 
 
-class ReferenceEMA:
-    """``EMAModel.step`` done another way, for reference; measured only. ``muladd``: ``_foreach_mul_`` +
-    ``_foreach_add_`` (the shipped update before it became one ``_foreach_lerp_``); ``loop``: the original's
-    per-parameter loop (two kernels per tensor)."""
+class StampedEMA:
+    """The workspace's EMA, time-stamped at the start and end of each update."""
 
-    def __init__(self, ema: Any, kind: str) -> None:
-        self.ema, self.kind = ema, kind
+    def __init__(self, ema: EMAModel, mark: Any) -> None:
+        self.ema, self.mark = ema, mark
 
-    @torch.no_grad()
     def step(self, model: torch.nn.Module) -> None:
-        from torch.nn.modules.batchnorm import _BatchNorm
+        self.mark("ema0")
+        self.ema.step(model)
+        self.mark("ema1")
 
-        ema = self.ema
-        ema.decay = ema.get_decay(ema.optimization_step)
-        averaged, live = [], []
-        for module, ema_module in zip(model.modules(), ema.averaged_model.modules()):
-            copy_all = isinstance(module, _BatchNorm)
-            for p, e in zip(module.parameters(recurse=False), ema_module.parameters(recurse=False)):
-                if copy_all or not p.requires_grad:
-                    e.copy_(p)
-                elif self.kind == "loop":
-                    e.mul_(ema.decay)
-                    e.add_(p.detach(), alpha=1 - ema.decay)
-                else:
-                    averaged.append(e)
-                    live.append(p.detach())
-        if averaged:
-            torch._foreach_mul_(averaged, ema.decay)
-            torch._foreach_add_(averaged, live, alpha=1 - ema.decay)
-        ema.optimization_step += 1
+
+class MulAddEMA(EMAModel):
+    """Measured alternative to the shipped ``EMAModel.blend`` (one ``_foreach_lerp_``): ``_foreach_mul_`` +
+    ``_foreach_add_``, the shipped update before it became a lerp."""
+
+    def blend(self, averaged: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        torch._foreach_mul_(averaged, self.decay)
+        torch._foreach_add_(averaged, live, alpha=1 - self.decay)
+
+
+class LoopEMA(EMAModel):
+    """Measured alternative to the shipped ``EMAModel.blend``: the original's per-parameter loop (two
+    kernels per tensor)."""
+
+    def blend(self, averaged: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        for e, p in zip(averaged, live, strict=True):
+            e.mul_(self.decay)
+            e.add_(p, alpha=1 - self.decay)
+
+
+EMA_TWEAKS = {"ema_muladd": MulAddEMA, "ema_loop": LoopEMA}
 
 
 class Uint8Frames(torch.utils.data.Dataset):
@@ -225,6 +237,9 @@ class Uint8Frames(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def get_normalizer(self) -> Any:
+        return self.dataset.get_normalizer()
 
     def __getitem__(self, idx: int) -> dict:
         """-> as PushTImageDataset's item, but "image" is uint8 (To, 3, H, W) in [0, 255]."""
@@ -250,10 +265,7 @@ class Variant:
     overrides: list[str]
     tweaks: dict[str, Any]
     cfg: Any = None
-    model: Any = None
-    ema: Any = None
-    optimizer: Any = None
-    lr_scheduler: Any = None
+    training: RecipeTraining | None = None
     loader: Any = None
     clock: StageClock | None = None
     it: Iterator | None = None
@@ -306,24 +318,16 @@ def parse_variant(spec: str, base: list[str]) -> Variant:
 class Builder:
     """Composes configs and caches the datasets (loading the frames takes seconds)."""
 
-    def __init__(self, config_name: str, zarr_path: Path) -> None:
+    def __init__(self, config_name: str, zarr_path: Path, workdir: Path) -> None:
         self.config_name = config_name
         self.zarr_path = zarr_path
+        self.workdir = workdir
         self._datasets: dict[str, Any] = {}
 
     def compose(self, overrides: list[str]) -> Any:
-        from hydra import compose, initialize_config_dir
-
-        if not (CONFIG_DIR / f"{self.config_name}.yaml").exists():
-            raise SystemExit(
-                f"--config-name {self.config_name}: no {self.config_name}.yaml under {CONFIG_DIR}"
-            )
-        register_resolvers()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return compose(
-                config_name=self.config_name,
-                overrides=[f"task.dataset.zarr_path={self.zarr_path}", *overrides],
-            )
+        return recipes.compose_recipe(
+            self.config_name, [f"task.dataset.zarr_path={self.zarr_path}", *overrides]
+        )
 
     def dataset(self, cfg: Any) -> Any:
         from hydra.utils import instantiate
@@ -337,74 +341,48 @@ class Builder:
         return self._datasets[key]
 
     def build(self, v: Variant) -> None:
-        from diffusers.optimization import get_scheduler
-        from hydra.utils import instantiate
-        from torch.utils.data import DataLoader
-
-        v.cfg = cfg = self.compose(v.overrides)
+        """The recipe's workspace with the variant's overrides (tweaks that config keys express included),
+        then the tweaks no config key expresses."""
+        tweak_overrides = [TWEAK_OVERRIDES[t] for t in TWEAK_OVERRIDES if v.tweaks.get(t)]
+        v.cfg = cfg = self.compose([*v.overrides, *tweak_overrides])
         if "obs_encoder" not in cfg.policy and "crop_shape" not in cfg.policy:
             raise SystemExit(f"{self.config_name}: not an image recipe (its policy has no image encoder)")
+        if "_target_" not in cfg.optimizer and (v.tweaks.get("adamw_foreach") or v.tweaks.get("adamw_fused")):
+            raise SystemExit(
+                "the recipe builds its optimizer from policy.get_optimizer; @adamw_* needs a UNet recipe"
+            )
         dataset = self.dataset(cfg)
-        seed_everything()
-        model = instantiate(cfg.policy)
-        if not hasattr(model, "obs_encoder"):
-            raise SystemExit(
-                f"{type(model).__name__} has no obs_encoder; this script profiles image policies"
-            )
-        model.set_normalizer(dataset.get_normalizer())
-        ema_model = copy.deepcopy(model)
-        if v.tweaks.get("channels_last"):
-            model.obs_encoder.to(memory_format=torch.channels_last)
-            ema_model.obs_encoder.to(memory_format=torch.channels_last)
-        opt_kwargs = {}
-        if v.tweaks.get("adamw_foreach"):
-            opt_kwargs["foreach"] = True
-        if v.tweaks.get("adamw_fused"):
-            opt_kwargs["fused"] = True
-        if "_target_" not in cfg.optimizer:
-            raise SystemExit(
-                "the recipe builds its optimizer from policy.get_optimizer; use a UNet image recipe"
-            )
-        v.optimizer = instantiate(cfg.optimizer, params=model.parameters(), **opt_kwargs)
-        v.lr_scheduler = get_scheduler(
-            cfg.training.lr_scheduler,
-            optimizer=v.optimizer,
-            num_warmup_steps=cfg.training.lr_warmup_steps,
-            num_training_steps=10**6,
-        )
-        v.ema = instantiate(cfg.ema, model=ema_model) if cfg.training.use_ema else None
-        if v.ema is not None and v.tweaks.get("ema_muladd"):
-            v.ema = ReferenceEMA(v.ema, "muladd")
-        elif v.ema is not None and v.tweaks.get("ema_loop"):
-            v.ema = ReferenceEMA(v.ema, "loop")
-        model.train()
-        v.model = model
-        v.clock = StageClock(model)
-
-        kwargs = dict(cfg.dataloader)
-        kwargs["pin_memory"] = False  # CPU: nothing to pin for
+        loader_changes = {"persistent_workers": False}  # start_round / end_round start and stop the workers
         if "workers" in v.tweaks:
-            kwargs["num_workers"] = v.tweaks["workers"]
-        v.num_workers = int(kwargs.get("num_workers", 0))
-        kwargs["persistent_workers"] = False
-        if v.num_workers == 0:
-            kwargs.pop("prefetch_factor", None)
-        v.batch_size = int(kwargs["batch_size"])
+            loader_changes["num_workers"] = v.tweaks["workers"]
         source = Uint8Frames(dataset) if v.tweaks.get("uint8") else dataset
-        v.loader = DataLoader(source, **kwargs)
+        v.training, v.loader = RecipeTraining.build(
+            cfg, source, torch.device("cpu"), self.workdir / v.name, loader_changes
+        )
+        workspace = v.training.workspace
+        if not hasattr(workspace.model, "obs_encoder"):
+            raise SystemExit(
+                f"{type(workspace.model).__name__} has no obs_encoder; this script profiles image policies"
+            )
+        if v.tweaks.get("channels_last"):
+            for model in (workspace.model, workspace.ema_model):
+                if model is not None:
+                    model.obs_encoder.to(memory_format=torch.channels_last)
+        for tweak, ema_class in EMA_TWEAKS.items():
+            if v.tweaks.get(tweak) and workspace.ema is not None:
+                ema_kwargs = {k: x for k, x in cfg.ema.items() if k != "_target_"}
+                workspace.ema = ema_class(workspace.ema_model, **ema_kwargs)
+        v.clock = StageClock(v.training)
+        v.num_workers = v.loader.num_workers
+        v.batch_size = v.loader.batch_size
         v.threads = v.tweaks.get("threads")
-
-
-def batches(v: Variant) -> Iterator[Any]:
-    while True:
-        yield from v.loader
 
 
 def start_round(v: Variant) -> None:
     """A fresh iterator when there are workers (their start-up, untimed, as every epoch pays it)."""
     if v.it is None or v.num_workers > 0:
         t0 = time.perf_counter()
-        v.it = batches(v)
+        v.it = recipes.endless(v.loader)
         v.pending = next(v.it)  # first batch of the round: worker start-up, not a steady-state step
         if v.num_workers > 0:
             v.worker_start_s.append(time.perf_counter() - t0)
@@ -421,10 +399,7 @@ def end_round(v: Variant) -> None:
 
 def one_step(v: Variant) -> tuple[float, dict[str, float]]:
     """One training step; returns its wall time (s) and per-stage times (s)."""
-    from diffusion_policy.common.pytorch_util import dict_apply, training_autocast
-
-    clock = v.clock
-    clock.reset()
+    v.clock.reset()
     t0 = time.perf_counter()
     if v.pending is not None:
         batch, v.pending = v.pending, None
@@ -432,39 +407,11 @@ def one_step(v: Variant) -> tuple[float, dict[str, float]]:
         batch = next(v.it)
     if v.tweaks.get("uint8"):
         batch["obs"]["image"] = batch["obs"]["image"].float().div_(255.0)
-    batch = dict_apply(batch, lambda x: x.to("cpu"))
-    t1 = time.perf_counter()
-    with training_autocast("cpu", "bf16" if v.tweaks.get("bf16") else None):
-        loss = v.model.compute_loss(batch)
-    t2 = time.perf_counter()
-    loss.backward()
-    t3 = time.perf_counter()
-    v.optimizer.step()
-    v.optimizer.zero_grad(set_to_none=True)
-    v.lr_scheduler.step()
-    t4 = time.perf_counter()
-    if v.ema is not None:
-        v.ema.step(v.model)
-    t5 = time.perf_counter()
+    loss = v.training.step(batch)
+    t_step = time.perf_counter()
     loss.item()
-    t6 = time.perf_counter()
-    m = clock.marks
-    enc = m["enc1"] - m["enc0"]
-    unet = m["unet1"] - m["unet0"]
-    back_unet = m.get("enc_grad", t3) - t2
-    stages = {
-        "data": t1 - t0,
-        "crop": clock.crop_s,
-        "encoder_fwd": enc - clock.crop_s,
-        "unet_fwd": unet,
-        "loss_other": (t2 - t1) - enc - unet,
-        "backward_unet": back_unet,
-        "backward_enc": (t3 - t2) - back_unet,
-        "optimizer": t4 - t3,
-        "ema": t5 - t4,
-        "other": t6 - t5,
-    }
-    return t6 - t0, stages
+    stages = v.clock.stages(t0, t_step)
+    return time.perf_counter() - t0, stages
 
 
 def run_steps(v: Variant, n: int) -> tuple[list[float], dict[str, list[float]]]:
@@ -486,7 +433,7 @@ def run_steps(v: Variant, n: int) -> tuple[list[float], dict[str, list[float]]]:
 
 
 def describe(v: Variant, builder: Builder) -> dict[str, Any]:
-    policy = v.model
+    policy = v.training.model
     return {
         "recipe": builder.config_name,
         "overrides": v.overrides,
@@ -494,20 +441,13 @@ def describe(v: Variant, builder: Builder) -> dict[str, Any]:
         "batch_size": v.batch_size,
         "num_workers": v.num_workers,
         "threads": v.threads if v.threads is not None else torch.get_num_threads(),
-        "params_encoder": n_params(policy.obs_encoder),
-        "params_unet": n_params(policy.model),
+        "params_encoder": recipes.n_params(policy.obs_encoder),
+        "params_unet": recipes.n_params(policy.model),
         "crop_shape": list(v.cfg.policy.get("crop_shape") or []) or None,
         "down_dims": list(v.cfg.policy.down_dims),
         "max_train_episodes": v.cfg.task.dataset.get("max_train_episodes"),
-        "optimizer": type(v.optimizer).__name__,
+        "optimizer": type(v.training.workspace.optimizer).__name__,
     }
-
-
-def load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -636,10 +576,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    recipes.headless_env()
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    zarr_path = find_pusht_zarr(args.zarr)
+    set_threads(args.threads)
+    zarr_path = recipes.find_pusht_zarr(args.zarr)
     base = list(args.overrides)
     if args.smoke:
         base = [*SMOKE_OVERRIDES, "task.dataset.val_ratio=0", *base]
@@ -654,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.smoke:
             log("smoke: a 2-episode copy of the dataset")
-            zarr_path = write_subset_zarr(zarr_path, workdir / "pusht_subset.zarr", 2)
-        builder = Builder(args.config_name, zarr_path)
+            zarr_path = recipes.write_subset_zarr(zarr_path, workdir / "pusht_subset.zarr", 2)
+        builder = Builder(args.config_name, zarr_path, workdir)
         t0 = time.perf_counter()
         if len(variants) >= 2:
             ab(builder, variants, args, rec, load0)

@@ -7,10 +7,10 @@ Every result is one JSON object per line on stdout::
 Progress goes to stderr. The recipes are composed from the shipped Hydra configs under ``config/`` and
 built with ``hydra.utils.instantiate``, so a number always describes the recipe that training uses.
 
-    python benchmarks/run.py                 # full measurement (meant for a GPU; hours on a CPU)
-    python benchmarks/run.py --quick         # under 5 minutes on a 2-core CPU, fewer repeats
-    python benchmarks/run.py --smoke         # tiny networks, 1-2 iterations: a correctness check
-    python benchmarks/run.py --only train_state,env_steps --out results.jsonl --device cuda:0
+    python -m benchmarks.run                 # full measurement (meant for a GPU; hours on a CPU)
+    python -m benchmarks.run --quick         # under 5 minutes on a 2-core CPU, fewer repeats
+    python -m benchmarks.run --smoke         # tiny networks, 1-2 iterations: a correctness check
+    python -m benchmarks.run --only train_state,env_steps --out results.jsonl --device cuda:0
 
 See benchmarks/README.md for what each number means.
 """
@@ -18,35 +18,41 @@ See benchmarks/README.md for what each number means.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import json
-import os
-import platform
-import random
+import functools
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("WANDB_SILENT", "true")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from diffusion_policy.common.config_resolvers import register_resolvers  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "config"
-ZARR_RELPATH = Path("pusht") / "pusht_cchi_v7_replay.zarr"
-SEED = 42
+from benchmarks.measure import (
+    Recorder,
+    TimedPolicy,
+    hardware_string,
+    log,
+    percentile_ms,
+    set_threads,
+    sync,
+    timed_calls,
+)
+from benchmarks.recipes import (
+    SEED,
+    RecipeTraining,
+    cli_device,
+    compose_recipe,
+    endless,
+    find_pusht_zarr,
+    headless_env,
+    n_params,
+    write_subset_zarr,
+)
+from diffusion_policy.common.pytorch_util import seed_everything
 
 STATE_RECIPE = "train_diffusion_unet_lowdim_workspace"
 IMAGE_RECIPE = "train_diffusion_unet_hybrid_workspace"
@@ -95,212 +101,81 @@ KINDS = {
     "image_dpt": RecipeKind(IMAGE_DPT_RECIPE, "image", tuple(TINY_DPT_IMAGE)),
 }
 
+MODES = ("full", "quick", "smoke")
+# How hard each benchmark works in each mode: (full, quick, smoke); benchmarks/README.md, "Modes and duration"
+EFFORT = {
+    "train_warmup": (10, 1, 1),
+    "train_steps": (50, 1, 1),
+    "train_batch_size": (None, None, 4),  # None: the recipe's batch size
+    "latency_warmup": (3, 1, 0),  # DDIM-10 calls once per batch size, before any sampler is timed
+    "sampler_warmup": (2, 0, 0),  # untimed calls per sampler
+    "latency_repeats": (20, 2, 1),
+    "ddpm_repeats": (None, 1, None),  # timed DDPM-100 calls, if fewer than latency_repeats
+    "env_episodes": (20, 10, 1),
+    "env_max_steps": (None, None, 20),
+    "deploy_repeats": (20, 5, 1),  # timed predict_action calls per backend in bench_deploy (DDIM)
+    "deploy_ddpm_repeats": (5, 2, 1),  # ... with DDPM-100
+}
+TOO_SLOW = "left out in --quick: tens of seconds to minutes per call on a CPU; run without --quick"
+# --quick leaves these "<sampler>.b<batch>" cases out, per recipe kind (latency) and deploy model
+QUICK_LATENCY_SKIP = {
+    "state": ("ddpm100.b56", "ddim16.b56"),
+    "image": ("ddpm100.b1", "ddpm100.b56", "ddim10.b56", "ddim16.b56"),
+    "state_dpt": ("ddpm100.b56", "ddim16.b56"),
+    "image_dpt": ("ddpm100.b1", "ddpm100.b56", "ddim16.b56"),
+}
+QUICK_DEPLOY_SKIP = {"state": ("ddpm100.b56",), "image": ("ddpm100.b1", "ddpm100.b56", "ddim10.b56")}
+SHORT_EVAL = {  # runner overrides: quick 1 + 2 episodes of 300 steps, smoke 1 + 1 of 16 steps in one env
+    "quick": ["task.env_runner.n_train=1", "task.env_runner.n_test=2"],
+    "smoke": [
+        "task.env_runner.n_train=1",
+        "task.env_runner.n_test=1",
+        "task.env_runner.max_steps=16",
+        "task.env_runner.n_envs=1",
+    ],
+}
+
 
 @dataclass
 class Plan:
-    """How hard each benchmark works in one mode."""
+    """How hard each benchmark works in one mode (see ``EFFORT``)."""
 
     mode: str
     train_warmup: int
     train_steps: int
-    train_batch_size: int | None  # None: the recipe's batch size
-    latency_warmup: int  # DDIM-10 calls once per batch size, before any sampler is timed
-    sampler_warmup: int  # untimed calls per sampler
+    train_batch_size: int | None
+    latency_warmup: int
+    sampler_warmup: int
     latency_repeats: int
-    ddpm_repeats: int | None = None  # timed DDPM-100 calls, if fewer than latency_repeats
-    # (recipe kind, sampler label, batch) combinations left out in this mode, with the reason
-    latency_skip: dict[tuple[str, str, int], str] = field(default_factory=dict)
+    ddpm_repeats: int | None
+    env_episodes: int
+    env_max_steps: int | None
+    deploy_repeats: int
+    deploy_ddpm_repeats: int
+    # recipe kind / deploy model -> the "<sampler>.b<batch>" cases left out in this mode
+    latency_skip: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    deploy_skip: dict[str, tuple[str, ...]] = field(default_factory=dict)
     eval_runner_overrides: list[str] = field(default_factory=list)
     eval_sampler: str | None = None  # None: the recipe's own sampler
-    env_episodes: int = 10
-    env_max_steps: int | None = None
     tiny: bool = False
     image_subset_episodes: int | None = None  # smoke: a small copy of the first episodes
-    deploy_repeats: int = 20  # timed predict_action calls per backend in bench_deploy (DDIM)
-    deploy_ddpm_repeats: int = 5  # ... with DDPM-100
-    # (deploy model, sampler label, batch) combinations left out in this mode, with the reason
-    deploy_skip: dict[tuple[str, str, int], str] = field(default_factory=dict)
+
+    def skipped(self, table: dict[str, tuple[str, ...]], what: str, sampler: str, batch: int) -> str | None:
+        """Why this mode leaves the case out, or None when it is measured."""
+        return TOO_SLOW if f"{sampler}.b{batch}" in table.get(what, ()) else None
 
 
 def make_plan(mode: str) -> Plan:
-    if mode == "full":
-        return Plan(
-            mode,
-            train_warmup=10,
-            train_steps=50,
-            train_batch_size=None,
-            latency_warmup=3,
-            sampler_warmup=2,
-            latency_repeats=20,
-            env_episodes=20,
-        )
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use full, quick or smoke")
+    plan = Plan(mode, **{key: values[MODES.index(mode)] for key, values in EFFORT.items()})
     if mode == "quick":
-        too_slow = "left out in --quick: tens of seconds to minutes per call on a CPU; run without --quick"
-        return Plan(
-            mode,
-            train_warmup=1,
-            train_steps=1,
-            train_batch_size=None,
-            latency_warmup=1,
-            sampler_warmup=0,
-            latency_repeats=2,
-            ddpm_repeats=1,
-            latency_skip={
-                ("state", "ddpm100", 56): too_slow,
-                ("state", "ddim16", 56): too_slow,
-                ("image", "ddpm100", 1): too_slow,
-                ("image", "ddpm100", 56): too_slow,
-                ("image", "ddim10", 56): too_slow,
-                ("image", "ddim16", 56): too_slow,
-                ("state_dpt", "ddpm100", 56): too_slow,
-                ("state_dpt", "ddim16", 56): too_slow,
-                ("image_dpt", "ddpm100", 1): too_slow,
-                ("image_dpt", "ddpm100", 56): too_slow,
-                ("image_dpt", "ddim16", 56): too_slow,
-            },
-            eval_runner_overrides=["task.env_runner.n_train=1", "task.env_runner.n_test=2"],
-            eval_sampler="ddim10",
-            env_episodes=10,
-            deploy_repeats=5,
-            deploy_ddpm_repeats=2,
-            deploy_skip={
-                ("state", "ddpm100", 56): too_slow,
-                ("image", "ddpm100", 1): too_slow,
-                ("image", "ddpm100", 56): too_slow,
-                ("image", "ddim10", 56): too_slow,
-            },
-        )
+        plan.latency_skip, plan.deploy_skip = QUICK_LATENCY_SKIP, QUICK_DEPLOY_SKIP
+    if mode != "full":
+        plan.eval_runner_overrides, plan.eval_sampler = SHORT_EVAL[mode], "ddim10"
     if mode == "smoke":
-        return Plan(
-            mode,
-            train_warmup=1,
-            train_steps=1,
-            train_batch_size=4,
-            latency_warmup=0,
-            sampler_warmup=0,
-            latency_repeats=1,
-            eval_runner_overrides=[
-                "task.env_runner.n_train=1",
-                "task.env_runner.n_test=1",
-                "task.env_runner.max_steps=16",
-                "task.env_runner.n_envs=1",
-            ],
-            eval_sampler="ddim10",
-            env_episodes=1,
-            env_max_steps=20,
-            tiny=True,
-            image_subset_episodes=2,
-            deploy_repeats=1,
-            deploy_ddpm_repeats=1,
-        )
-    raise ValueError(f"unknown mode {mode!r}: use full, quick or smoke")
-
-
-# ----------------------------------------------------------------------------------------------------
-# plumbing
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def hardware_string(device: torch.device) -> str:
-    cpu = f"{cpu_model()} ({usable_cores()} cores, {torch.get_num_threads()} torch threads)"
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        return f"{gpu} + CPU {cpu}; torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"CPU {cpu}; torch {torch.__version__}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return device
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seed_everything(seed: int = SEED) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def find_pusht_zarr(explicit: str | None) -> Path:
-    candidates = [Path(explicit)] if explicit else []
-    if os.environ.get("PUSHT_ZARR"):
-        candidates.append(Path(os.environ["PUSHT_ZARR"]))
-    candidates += [REPO_ROOT / "data" / ZARR_RELPATH, REPO_ROOT.parent / "shared" / "data" / ZARR_RELPATH]
-    for c in candidates:
-        if (c / "meta" / "episode_ends").exists():
-            return c.resolve()
-    raise SystemExit(
-        "PushT dataset not found: pass --zarr PATH, set PUSHT_ZARR, or link "
-        "data/pusht/pusht_cchi_v7_replay.zarr"
-    )
-
-
-def write_subset_zarr(src: Path, dst: Path, n_episodes: int) -> Path:
-    """Copy the first ``n_episodes`` of the real dataset into a small zarr v2 store (smoke mode only)."""
-    import zarr
-
-    root = zarr.open_group(str(src), mode="r")
-    ends = np.asarray(root["meta/episode_ends"][:])[:n_episodes]
-    n = int(ends[-1])
-    out = zarr.open_group(str(dst), mode="w", zarr_format=2)
-    out.create_group("meta").create_array("episode_ends", data=ends.astype(np.int64))
-    data = out.create_group("data")
-    for key in root["data"].array_keys():
-        arr = np.asarray(root["data"][key][:n])
-        data.create_array(key, data=arr, chunks=(min(n, 161),) + arr.shape[1:])
-    return dst
-
-
-def percentile_ms(samples: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(samples) * 1e3, q))
-
-
-class Recorder:
-    """Collects result rows, prints each to stdout as it is made and optionally to a file."""
-
-    def __init__(self, hardware: str, out_path: str | None):
-        self.hardware = hardware
-        self.rows: list[dict[str, Any]] = []
-        self._out = open(out_path, "w") if out_path else None  # noqa: SIM115 (closed in close())
-
-    def emit(self, name: str, value: float | None, unit: str, config: dict[str, Any]) -> None:
-        row = {"name": name, "value": value, "unit": unit, "config": config, "hardware": self.hardware}
-        line = json.dumps(row, sort_keys=False, default=str)
-        print(line, flush=True)
-        if self._out:
-            self._out.write(line + "\n")
-            self._out.flush()
-        self.rows.append(row)
-
-    def close(self) -> None:
-        if self._out:
-            self._out.close()
+        plan.tiny, plan.image_subset_episodes = True, 2
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,20 +204,13 @@ class Recipes:
         return self._image_zarr
 
     def compose(self, kind: str, overrides: tuple[str, ...] | list[str] = ()) -> Any:
-        from hydra import compose, initialize_config_dir
-
         recipe = KINDS[kind]
-        name = recipe.config_name
-        if not (CONFIG_DIR / f"{name}.yaml").exists():
-            raise SystemExit(f"recipe config {name}.yaml not found under {CONFIG_DIR}")
         if recipe.obs == "state":
             base = [f"task.dataset.zarr_path={self.zarr_path}"]
         else:
             base = ["task=pusht_image", f"task.dataset.zarr_path={self._image_zarr_path()}"]
-        all_overrides = base + (list(recipe.tiny) if self.plan.tiny else []) + list(overrides)
-        register_resolvers()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return compose(config_name=name, overrides=all_overrides)
+        tiny = list(recipe.tiny) if self.plan.tiny else []
+        return compose_recipe(recipe.config_name, base + tiny + list(overrides))
 
     def scheduler(self, kind: str, sampler: str) -> tuple[Any, int]:
         """The sampler as the shipped ``policy/noise_scheduler`` group builds it, with the step count set."""
@@ -365,7 +233,7 @@ class Recipes:
         """The recipe's policy with a normalizer, moved to the device; ``sampler`` swaps DDPM/DDIM."""
         from hydra.utils import instantiate
 
-        seed_everything()
+        seed_everything(SEED)
         policy = instantiate(cfg.policy)
         policy.set_normalizer(self.dataset(kind, cfg).get_normalizer())
         if sampler is not None:
@@ -382,34 +250,13 @@ class Recipes:
         policy.noise_scheduler, policy.num_inference_steps = self.scheduler(kind, sampler)
 
 
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 # ----------------------------------------------------------------------------------------------------
 # benchmarks
 
 
-def optimizer_step(model: Any, optimizer: Any, batch: dict, device: torch.device) -> torch.Tensor:
-    """Batch to the device, ``compute_loss``, backward and one optimizer step; returns the loss."""
-    from diffusion_policy.common.pytorch_util import dict_apply
-
-    batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
-    loss = model.compute_loss(batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
 def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
-    """Optimizer steps/s of the shipped recipe: data loading, forward, backward, AdamW, LR schedule, EMA."""
-    from diffusers.optimization import get_scheduler
-    from hydra.utils import instantiate
-    from torch.utils.data import DataLoader
-
-    from diffusion_policy.workspace.train_diffusion_workspace import build_policy_optimizer
-
+    """Optimizer steps/s of the shipped recipe: data loading and the workspace's own training step
+    (forward, backward, optimizer, LR schedule, EMA)."""
     plan, device = recipes.plan, recipes.device
     overrides = []
     if plan.train_batch_size is not None:
@@ -418,36 +265,8 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
         overrides.append("dataloader.num_workers=0")
     cfg = recipes.compose(kind, overrides)
     dataset = recipes.dataset(kind, cfg)
-    seed_everything()
-    model = instantiate(cfg.policy)
-    model.set_normalizer(dataset.get_normalizer())
-    ema_model = copy.deepcopy(model)
-    model.to(device)
-    ema_model.to(device)
-    if "_target_" in cfg.optimizer:
-        optimizer = instantiate(cfg.optimizer, params=model.parameters())
-    else:  # the transformer recipes: the policy's AdamW with weight-decay groups
-        optimizer = build_policy_optimizer(model, cfg.optimizer)
-    lr_scheduler = get_scheduler(
-        cfg.training.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=cfg.training.lr_warmup_steps,
-        num_training_steps=10**6,
-    )
-    ema = instantiate(cfg.ema, model=ema_model) if cfg.training.use_ema else None
-
-    loader_kwargs = dict(cfg.dataloader)
-    if device.type != "cuda":
-        loader_kwargs["pin_memory"] = False  # pinning is meaningless without an accelerator
-    loader = DataLoader(dataset, **loader_kwargs)
-    batch_size = int(loader_kwargs["batch_size"])
-
-    def batches() -> Iterator[Any]:
-        while True:
-            yield from loader
-
-    it = batches()
-    model.train()
+    training, loader = RecipeTraining.build(cfg, dataset, device, recipes.workdir / f"train_{kind}")
+    it = endless(loader)
     n_total = plan.train_warmup + plan.train_steps
     data_wait = 0.0
     t_start = 0.0
@@ -458,11 +277,7 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
         t0 = time.perf_counter()
         batch = next(it)
         data_wait += time.perf_counter() - t0
-        loss = optimizer_step(model, optimizer, batch, device)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(model)
-        loss_value = loss.item()  # the training loop logs it every step; its sync is part of the cost
+        loss_value = training.step(batch).item()  # the loop logs it every step: its sync is part of the cost
         sync(device)
         if step < plan.train_warmup or step % max(1, plan.train_steps // 5) == 0:
             log(f"train_{kind} step {step + 1}/{n_total} loss {loss_value:.4f}")
@@ -472,21 +287,21 @@ def bench_train(kind: str, recipes: Recipes, rec: Recorder) -> None:
         "recipe": KINDS[kind].config_name,
         "mode": plan.mode,
         "device": str(device),
-        "batch_size": batch_size,
-        "num_workers": int(loader_kwargs.get("num_workers", 0)),
-        "persistent_workers": bool(loader_kwargs.get("persistent_workers", False)),
-        "pin_memory": bool(loader_kwargs.get("pin_memory", False)),
-        "params": n_params(model),
+        "batch_size": loader.batch_size,
+        "num_workers": loader.num_workers,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory": loader.pin_memory,
+        "params": n_params(training.model),
         "warmup_steps": plan.train_warmup,
         "measured_steps": plan.train_steps,
         "seconds": round(elapsed, 3),
         "step": "next(batch), to(device), compute_loss, backward, AdamW, LR schedule, EMA, loss.item()",
-        "precision": "fp32",
+        "precision": cfg.training.get("mixed_precision") or "fp32",
         "tiny_networks": plan.tiny,
     }
     prefix = f"train_{kind}"
     rec.emit(f"{prefix}.optimizer_steps_per_s", steps_per_s, "steps/s", config)
-    rec.emit(f"{prefix}.samples_per_s", steps_per_s * batch_size, "samples/s", config)
+    rec.emit(f"{prefix}.samples_per_s", steps_per_s * loader.batch_size, "samples/s", config)
     rec.emit(f"{prefix}.data_wait_share", data_wait / elapsed, "fraction", config)
 
 
@@ -512,7 +327,7 @@ def bench_latency(kind: str, recipes: Recipes, rec: Recorder) -> None:
     for batch in LATENCY_BATCHES:
         obs = latency_obs(kind, dataset, batch, n_obs_steps, device)
         if plan.latency_warmup and not all(
-            (kind, label, batch) in plan.latency_skip for label, *_ in SAMPLERS
+            plan.skipped(plan.latency_skip, kind, label, batch) for label, *_ in SAMPLERS
         ):
             # first calls at a batch size pay for allocations and kernel selection, whatever the sampler
             recipes.set_sampler(kind, policy, "ddim10")
@@ -532,7 +347,7 @@ def bench_latency(kind: str, recipes: Recipes, rec: Recorder) -> None:
                 "params": n_params(policy),
                 "tiny_networks": plan.tiny,
             }
-            skip = plan.latency_skip.get((kind, label, batch))
+            skip = plan.skipped(plan.latency_skip, kind, label, batch)
             if skip:
                 log(f"{name}: skipped ({skip})")
                 for q in ("p50", "p95"):
@@ -542,15 +357,9 @@ def bench_latency(kind: str, recipes: Recipes, rec: Recorder) -> None:
             repeats = plan.latency_repeats
             if label.startswith("ddpm") and plan.ddpm_repeats is not None:
                 repeats = min(repeats, plan.ddpm_repeats)
-            times = []
             with torch.inference_mode():
-                for i in range(plan.sampler_warmup + repeats):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    out = policy.predict_action(obs)
-                    sync(device)
-                    if i >= plan.sampler_warmup:
-                        times.append(time.perf_counter() - t0)
+                call = functools.partial(policy.predict_action, obs)
+                times, out = timed_calls(call, repeats, plan.sampler_warmup, device)
             if tuple(out["action"].shape[:1]) != (batch,):
                 raise RuntimeError(f"{name}: predict_action returned action {tuple(out['action'].shape)}")
             config.update(
@@ -587,7 +396,10 @@ def deploy_call(
 
 
 def denoiser_call_ms(torch_denoiser, runtimes: dict, batch: int, repeats: int) -> dict[str, float]:
-    """Median time of one bare denoiser call per backend (zeros in; the cost does not depend on values)."""
+    """Mean time of one bare denoiser call per backend over ``max(repeats, 3)`` calls after the Timer's own
+    warm-up calls, at the process's thread count (zeros in; the cost does not depend on values)."""
+    from torch.utils.benchmark import Timer
+
     runtime = runtimes["onnxruntime"]
     F = runtime.manifest["feature_dim"]
     To = runtime.n_obs_steps
@@ -603,13 +415,8 @@ def denoiser_call_ms(torch_denoiser, runtimes: dict, batch: int, repeats: int) -
     out = {}
     with torch.inference_mode():
         for backend, call in calls.items():
-            call()
-            times = []
-            for _ in range(max(repeats, 3)):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            out[backend] = percentile_ms(times, 50)
+            timer = Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+            out[backend] = timer.timeit(max(repeats, 3)).mean * 1e3
     return out
 
 
@@ -645,7 +452,7 @@ def bench_deploy(recipes: Recipes, rec: Recorder) -> None:
                 plan.deploy_repeats,
             )
             for label, group, steps in DEPLOY_SAMPLERS:
-                skip = plan.deploy_skip.get((model, label, batch))
+                skip = plan.skipped(plan.deploy_skip, model, label, batch)
                 if skip:
                     log(f"deploy_{model}.{label}.b{batch}: skipped ({skip})")
                     for backend in DEPLOY_BACKENDS:
@@ -667,14 +474,11 @@ def bench_deploy(recipes: Recipes, rec: Recorder) -> None:
                 p50 = {}
                 actions = {}
                 for backend in DEPLOY_BACKENDS:
-                    times = []
+                    call = functools.partial(deploy_call, backend, *args)
                     with torch.inference_mode():
-                        # untimed first call: allocations, kernel choice, OpenVINO's compile per batch size
-                        actions[backend] = deploy_call(backend, *args)
-                        for _ in range(repeats):
-                            t0 = time.perf_counter()
-                            deploy_call(backend, *args)
-                            times.append(time.perf_counter() - t0)
+                        # untimed first call: allocations, kernel choice, OpenVINO's compile per batch size;
+                        # every call starts from the same noise, so the last call's actions are the first's
+                        times, actions[backend] = timed_calls(call, repeats, 1, torch.device("cpu"))
                     p50[backend] = percentile_ms(times, 50)
                     name = f"deploy_{model}.{label}.b{batch}.{backend}"
                     config = {
@@ -712,31 +516,17 @@ def bench_eval(recipes: Recipes, rec: Recorder) -> None:
     policy = recipes.policy("state", cfg, sampler)
     sampler_desc = sampler or type(policy.noise_scheduler).__name__ + f"-{policy.num_inference_steps}"
 
-    policy_time = 0.0
-    n_calls = 0
-    inner = policy.predict_action
-
-    def timed_predict_action(obs_dict: dict) -> dict:
-        nonlocal policy_time, n_calls
-        sync(device)
-        t0 = time.perf_counter()
-        out = inner(obs_dict)
-        sync(device)
-        policy_time += time.perf_counter() - t0
-        n_calls += 1
-        return out
-
-    policy.predict_action = timed_predict_action
+    timed = TimedPolicy(policy, device)
     out_dir = recipes.workdir / "eval_protocol"
     out_dir.mkdir(parents=True, exist_ok=True)
     runner_cfg = cfg.task.env_runner
     t0 = time.perf_counter()
     runner = instantiate(runner_cfg, output_dir=str(out_dir))
     t_built = time.perf_counter()
-    seed_everything()
+    seed_everything(SEED)
     try:
         with torch.inference_mode():
-            result = runner.run(policy)
+            result = runner.run(timed)
         t_run = time.perf_counter() - t_built
     finally:
         close = getattr(runner, "close", None)
@@ -757,15 +547,15 @@ def bench_eval(recipes: Recipes, rec: Recorder) -> None:
         "videos": min(int(runner_cfg.get("n_train_vis", 0)), int(runner_cfg.n_train))
         + min(int(runner_cfg.get("n_test_vis", 0)), int(runner_cfg.n_test)),
         "runner_build_s": round(t_built - t0, 3),
-        "policy_calls": n_calls,
-        "policy_share": round(policy_time / t_run, 4) if t_run > 0 else None,
+        "policy_calls": timed.calls,
+        "policy_share": round(timed.seconds / t_run, 4) if t_run > 0 else None,
         "test_mean_score": result.get("test/mean_score"),
         "note": "untrained policy: episodes rarely end early, so this is the full 300-step worst case",
         "tiny_networks": plan.tiny,
     }
-    log(f"eval_protocol: {n_episodes} episodes in {t_run:.1f}s ({n_calls} policy calls)")
+    log(f"eval_protocol: {n_episodes} episodes in {t_run:.1f}s ({timed.calls} policy calls)")
     rec.emit("eval_protocol.wall_time", t_run, "s", config)
-    share = policy_time / t_run if t_run > 0 else None
+    share = timed.seconds / t_run if t_run > 0 else None
     rec.emit("eval_protocol.policy_time_share", share, "fraction", config)
     del policy
 
@@ -882,6 +672,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    headless_env()
     args = parse_args(argv)
     names = list(BENCHMARKS)
     if args.only:
@@ -890,12 +681,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     plan = make_plan("quick" if args.quick else "smoke" if args.smoke else "full")
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    seed_everything()
+    device = cli_device(args.device)
+    set_threads(args.threads)
+    seed_everything(SEED)
     rec = Recorder(hardware_string(device), args.out)
     workdir = Path(tempfile.mkdtemp(prefix="dp_bench_"))
     recipes = Recipes(plan, device, find_pusht_zarr(args.zarr), workdir)
@@ -905,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.perf_counter()
             log(f"--- {name}")
-            seed_everything()
+            seed_everything(SEED)
             BENCHMARKS[name](recipes, rec)
             log(f"--- {name} done in {time.perf_counter() - t0:.1f}s")
     finally:

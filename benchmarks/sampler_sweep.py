@@ -7,7 +7,7 @@ batch 1 on real dataset observations; writes one JSON line per cell and a plot o
 A diffusion-trained checkpoint is swept with DDIM (the same weights, any step count) and also evaluated
 with DDPM over all of its training steps; a flow-matching checkpoint with its ODE solver (Euler by default).
 
-    python benchmarks/sampler_sweep.py --ckpt ddpm=RUN_A/checkpoints/BEST.ckpt \\
+    python -m benchmarks.sampler_sweep --ckpt ddpm=RUN_A/checkpoints/BEST.ckpt \\
         --ckpt flow=RUN_B/checkpoints/BEST.ckpt --steps 1,2,4,8,16 --n-test 500 \\
         --out data/sweeps/pusht_state_cpu --plot docs/img/flow_vs_ddim_steps.png
 
@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-os.environ.setdefault("WANDB_MODE", "disabled")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.measure import set_threads
+from benchmarks.recipes import headless_env
+from diffusion_policy.common.host_info import cpu_model_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,8 +122,7 @@ def time_latencies(cells: list[dict[str, Any]], repeats: int) -> dict[str, float
 
 
 def evaluate_cell(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO_ROOT))
-    from eval import evaluate
+    from eval import evaluate  # the repository's eval.py (this runs as ``python -m`` from the root)
 
     log = evaluate(
         cell["path"],
@@ -190,12 +188,12 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    headless_env()
     args = parse_args(argv)
     from diffusion_policy.common.config_resolvers import register_resolvers
 
     register_resolvers()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if not steps or min(steps) < 1:
         raise SystemExit(f"--steps {args.steps!r}: give step counts >= 1")
@@ -216,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(line)
                 done[cell_name(row)] = row
     todo = [c for c in cells if cell_name(c) not in done]
-    from run import cpu_model  # the sibling benchmark script: same hardware string
-
     threads = torch.get_num_threads()
-    hardware = f"{cpu_model()}, torch {torch.__version__}, torch threads: {threads}"
+    hardware = f"{cpu_model_name()}, torch {torch.__version__}, torch threads: {threads}"
     if todo:
         print(f"timing batch-1 latency of {len(todo)} cells ...", file=sys.stderr, flush=True)
         latencies = time_latencies(todo, args.latency_repeats)

@@ -1,6 +1,6 @@
 """What the cheap speed choices buy, each measured against the way the original code does it.
 
-    python benchmarks/speedups.py data/outputs/RUN/checkpoints/latest.ckpt [--only eval,loader] [--out F]
+    python -m benchmarks.speedups data/outputs/RUN/checkpoints/latest.ckpt [--only eval,loader] [--out F]
 
 Give it a trained checkpoint: with a policy that solves episodes, they end early, as they do in training,
 and that is where skipping finished episodes pays. The policy, its sampler and the evaluation protocol are
@@ -13,7 +13,8 @@ Evaluation variants (same runner, same episodes, ``runner.run`` timed after the 
                       env does until its last episode ends
   eval.per_episode    one ``predict_action`` call per running episode: no batching across episodes
   eval.ddpm100        the checkpoint's noise schedule sampled with DDPM and 100 steps, the paper's sampler
-Training data path (the checkpoint's dataset and network, batch size of its config, AdamW steps):
+Training data path (the checkpoint's recipe as its workspace trains it: dataset, network, batch size,
+optimizer, LR schedule and EMA, with fresh weights, which the speed does not depend on):
   loader.workers0     dataset in memory, batches built in the training process (the CPU recipe's setting)
   loader.workers1     one loader worker process, started again every epoch (the original's state recipe)
 
@@ -31,65 +32,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from run import (  # noqa: E402
-    Recorder,
-    hardware_string,
-    log,
-    optimizer_step,
-    resolve_device,
-    seed_everything,
-    sync,
-)
-
-from diffusion_policy.common.config_resolvers import register_resolvers  # noqa: E402
-from diffusion_policy.policy.samplers import sampler_label, use_sampler  # noqa: E402
+from benchmarks.measure import Recorder, TimedPolicy, hardware_string, log, set_threads, sync
+from benchmarks.recipes import SEED, RecipeTraining, cli_device, headless_env
+from diffusion_policy.common.config_resolvers import register_resolvers
+from diffusion_policy.common.pytorch_util import seed_everything
+from diffusion_policy.policy.samplers import sampler_label, use_sampler
 
 GROUPS = ("eval", "loader")
-
-
-class TimedPolicy:
-    """Forwards to a policy, times ``predict_action`` and counts calls and sampled rows.
-
-    ``mode``: ``"batched"`` passes the batch through; ``"pad"`` samples for ``pad_to`` rows (the running
-    episodes plus copies of the first, standing in for finished ones) and returns the running rows;
-    ``"per_row"`` calls the policy once per row.
-    """
-
-    def __init__(self, policy: Any, device: torch.device, mode: str = "batched", pad_to: int = 0):
-        self.policy, self.device, self.mode, self.pad_to = policy, device, mode, pad_to
-        self.calls = self.rows = 0
-        self.seconds = 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.policy, name)
-
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def _call(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.calls += 1
-        self.rows += next(iter(obs.values())).shape[0]
-        return self.policy.predict_action(obs)
-
-    def predict_action(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        sync(self.device)
-        t0 = time.perf_counter()
-        n = next(iter(obs.values())).shape[0]
-        if self.mode == "pad" and n < self.pad_to:
-            fill = self.pad_to - n
-            padded = {k: torch.cat([v, v[:1].expand(fill, *v.shape[1:])]) for k, v in obs.items()}
-            out = {k: v[:n] for k, v in self._call(padded).items()}
-        elif self.mode == "per_row":
-            parts = [self._call({k: v[i : i + 1] for k, v in obs.items()}) for i in range(n)]
-            out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        else:
-            out = self._call(obs)
-        sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        return out
 
 
 def bench_eval(policy: Any, cfg: Any, device: torch.device, rec: Recorder, workdir: Path) -> None:
@@ -113,7 +64,7 @@ def bench_eval(policy: Any, cfg: Any, device: torch.device, rec: Recorder, workd
         started = time.perf_counter() - t0
         log(f"eval: {n_episodes} episodes, {runner.n_envs} env workers started in {started:.1f}s")
         for name, (timed, sampler) in variants.items():
-            seed_everything()
+            seed_everything(SEED)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 result = runner.run(timed)
@@ -141,26 +92,16 @@ def bench_eval(policy: Any, cfg: Any, device: torch.device, rec: Recorder, workd
         runner.close()
 
 
-def bench_loader(policy: Any, cfg: Any, device: torch.device, rec: Recorder, steps: int) -> None:
+def bench_loader(cfg: Any, device: torch.device, rec: Recorder, steps: int, workdir: Path) -> None:
     from hydra.utils import instantiate
-    from torch.utils.data import DataLoader
 
     t0 = time.perf_counter()
     dataset = instantiate(cfg.task.dataset)
     log(f"loader: dataset of {len(dataset)} windows loaded in {time.perf_counter() - t0:.1f}s")
-    base_kwargs = dict(cfg.dataloader)
-    base_kwargs["pin_memory"] = device.type == "cuda" and bool(base_kwargs.get("pin_memory", False))
-    batch_size = int(base_kwargs["batch_size"])
     shipped_s = None
     for workers in (0, 1):
-        kwargs = {**base_kwargs, "num_workers": workers, "persistent_workers": False}
-        if workers == 0:
-            kwargs.pop("prefetch_factor", None)
-        seed_everything()
-        # load_policy hands out frozen inference weights; this copy is trained
-        model = copy.deepcopy(policy).train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loader = DataLoader(dataset, **kwargs)
+        changes = {"num_workers": workers, "persistent_workers": False}
+        training, loader = RecipeTraining.build(cfg, dataset, device, workdir / f"loader{workers}", changes)
         n_epochs_started = data_wait = 0
         it = None
         sync(device)
@@ -174,12 +115,12 @@ def bench_loader(policy: Any, cfg: Any, device: torch.device, rec: Recorder, ste
                 n_epochs_started += 1
                 batch = next(it)
             data_wait += time.perf_counter() - t0
-            optimizer_step(model, optimizer, batch, device).item()
+            training.step(batch).item()
         sync(device)
         wall = time.perf_counter() - t_start
         shipped_s = wall if workers == 0 else shipped_s
         config = {
-            "batch_size": batch_size,
+            "batch_size": loader.batch_size,
             "num_workers": workers,
             "persistent_workers": False,
             "steps": steps,
@@ -206,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    headless_env()
     args = parse_args(argv)
     groups = [g.strip() for g in (args.only or ",".join(GROUPS)).split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
@@ -215,12 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--loader-steps must be >= 1, got {args.loader_steps}")
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint {args.checkpoint} does not exist; pass a .ckpt written by train.py")
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     register_resolvers()
     from diffusion_policy.workspace.base_workspace import load_policy
 
-    device = resolve_device(args.device)
+    device = cli_device(args.device)
     policy, cfg = load_policy(args.checkpoint, device)
     rec = Recorder(hardware_string(device), args.out)
     log(f"checkpoint {args.checkpoint}; hardware: {rec.hardware}")
@@ -229,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if "eval" in groups:
                 bench_eval(policy, cfg, device, rec, Path(tmp))
             if "loader" in groups:
-                bench_loader(policy, cfg, device, rec, args.loader_steps)
+                bench_loader(cfg, device, rec, args.loader_steps, Path(tmp))
     finally:
         rec.close()
     return 0

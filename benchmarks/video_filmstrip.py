@@ -4,7 +4,7 @@ Each row is one video (its file name on the left is not drawn; rows keep the ord
 the last frame and ``--frames - 2`` frames evenly spaced between them are kept, so a row shows how the
 episode went from reset to its end.
 
-    python benchmarks/video_filmstrip.py RUN/media/test_100000_run0000.mp4 RUN/media/test_100001_run0000.mp4 \
+    python -m benchmarks.video_filmstrip RUN/media/test_100000_run0000.mp4 RUN/media/test_100001_run0000.mp4 \
         --frames 8 --out docs/img/pusht_image_cpu_rollouts.png
 """
 

@@ -1,7 +1,7 @@
 """The benchmark suite and the results plumbing: form and arithmetic, never timings.
 
-``benchmarks/run.py --smoke`` (tiny networks, 1-2 iterations, one short episode) must emit one well-formed
-JSON line for every benchmark; the aggregation and plotting scripts are checked on a synthetic
+``python -m benchmarks.run --smoke`` (tiny networks, 1-2 iterations, one short episode) must emit one
+well-formed JSON line for every benchmark; the aggregation and plotting scripts are checked on a synthetic
 ``logs.json.txt``.
 """
 
@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH = REPO_ROOT / "benchmarks"
 
 SAMPLERS = ("ddpm100", "ddim10", "ddim16", "flow1", "flow2", "flow4")
 KINDS = ("state", "image", "state_dpt", "image_dpt")
@@ -50,8 +49,9 @@ def _env(pusht_zarr_path: str) -> dict[str, str]:
 
 
 def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 60):
+    """``python -m benchmarks.<name> ARGS`` from the repository root."""
     return subprocess.run(
-        [sys.executable, str(BENCH / name), *args],
+        [sys.executable, "-m", f"benchmarks.{name}", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -64,9 +64,9 @@ def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: i
 def smoke(pusht_zarr_path, tmp_path_factory):
     out_file = tmp_path_factory.mktemp("bench") / "smoke.jsonl"
     proc = _script(
-        "run.py", "--smoke", "--device", "cpu", "--out", str(out_file), env=_env(pusht_zarr_path), timeout=600
+        "run", "--smoke", "--device", "cpu", "--out", str(out_file), env=_env(pusht_zarr_path), timeout=600
     )
-    assert proc.returncode == 0, f"run.py --smoke failed:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"benchmarks.run --smoke failed:\n{proc.stderr[-4000:]}"
     return proc, out_file
 
 
@@ -116,7 +116,7 @@ def test_out_file_holds_the_same_rows(smoke):
 
 
 def test_only_rejects_unknown_benchmark(pusht_zarr_path):
-    proc = _script("run.py", "--smoke", "--only", "env_steps,no_such_bench", env=_env(pusht_zarr_path))
+    proc = _script("run", "--smoke", "--only", "env_steps,no_such_bench", env=_env(pusht_zarr_path))
     assert proc.returncode != 0
     assert "no_such_bench" in proc.stderr and proc.stdout == ""
 
@@ -181,7 +181,7 @@ def two_seeds(tmp_path):
 
 def test_aggregate_metrics_numbers(two_seeds):
     a, b = two_seeds
-    proc = _script("aggregate_metrics.py", str(a), str(b / "logs.json.txt"), "--label", "demo", "--json")
+    proc = _script("aggregate_metrics", str(a), str(b / "logs.json.txt"), "--label", "demo", "--json")
     assert proc.returncode == 0, proc.stderr
     row, payload = proc.stdout.split("\n", 1)
     result = json.loads(payload)
@@ -209,14 +209,14 @@ def test_aggregate_metrics_numbers(two_seeds):
 def test_aggregate_metrics_rejects_log_without_scores(tmp_path):
     log = tmp_path / "logs.json.txt"
     log.write_text(json.dumps({"train_loss": 1.0, "global_step": 0, "epoch": 0}) + "\n")
-    proc = _script("aggregate_metrics.py", str(log))
+    proc = _script("aggregate_metrics", str(log))
     assert proc.returncode != 0 and "test/mean_score" in proc.stderr
 
 
 def test_plot_learning_curves_writes_png(two_seeds, tmp_path):
     a, b = two_seeds
     out = tmp_path / "plots" / "curves.png"
-    proc = _script("plot_learning_curves.py", str(a), str(b), "--labels", "s42,s43", "--out", str(out))
+    proc = _script("plot_learning_curves", str(a), str(b), "--labels", "s42,s43", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -244,7 +244,7 @@ def test_video_filmstrip_keeps_first_last_and_evenly_spaced_frames(tmp_path):
     _write_ramp_video(a, 10)
     _write_ramp_video(b, 3)  # fewer frames than asked: all of them, the rest of the row stays white
     out = tmp_path / "strip.png"
-    proc = _script("video_filmstrip.py", str(a), str(b), "--frames", "4", "--out", str(out))
+    proc = _script("video_filmstrip", str(a), str(b), "--frames", "4", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     img = np.asarray(Image.open(out).convert("RGB")).astype(float)
     gap = 2
@@ -262,10 +262,10 @@ def test_video_filmstrip_keeps_first_last_and_evenly_spaced_frames(tmp_path):
 
 
 def test_video_filmstrip_names_a_missing_video(tmp_path):
-    proc = _script("video_filmstrip.py", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "s.png"))
+    proc = _script("video_filmstrip", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "s.png"))
     assert proc.returncode == 2 and "no such video" in proc.stderr and "nope.mp4" in proc.stderr
     assert not (tmp_path / "s.png").exists()
     (tmp_path / "junk.mp4").write_bytes(b"not a video")
-    proc = _script("video_filmstrip.py", str(tmp_path / "junk.mp4"), "--out", str(tmp_path / "s.png"))
+    proc = _script("video_filmstrip", str(tmp_path / "junk.mp4"), "--out", str(tmp_path / "s.png"))
     assert proc.returncode == 2 and "junk.mp4" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "s.png").exists()

@@ -353,11 +353,11 @@ def test_exported_flow_policy_matches_torch(flow_run, tmp_path):
 
 
 def test_sampler_sweep_writes_cells_plot_and_continues(flow_run, tmp_path):
-    """benchmarks/sampler_sweep.py on a tiny flow checkpoint: one row per step count with a confidence
+    """benchmarks.sampler_sweep on a tiny flow checkpoint: one row per step count with a confidence
     interval and a latency, a plot, and a second call that finds every cell done."""
     ckpt = flow_run / "checkpoints" / "latest.ckpt"
     out, png = tmp_path / "sweep", tmp_path / "sweep.png"
-    args = ["benchmarks/sampler_sweep.py", "--ckpt", f"flow={ckpt}", "--steps", "1,2", "--n-test", "2"]
+    args = ["-m", "benchmarks.sampler_sweep", "--ckpt", f"flow={ckpt}", "--steps", "1,2", "--n-test", "2"]
     args += ["--latency-repeats", "1", "--out", str(out), "--plot", str(png)]
     assert_ok(run_cli(args))
     rows = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
@@ -371,5 +371,5 @@ def test_sampler_sweep_writes_cells_plot_and_continues(flow_run, tmp_path):
     again = run_cli(args)
     assert_ok(again)
     assert "evaluating" not in again.stderr and len((out / "cells.jsonl").read_text().splitlines()) == 2
-    bad = run_cli(["benchmarks/sampler_sweep.py", "--ckpt", "nolabel", "--out", str(tmp_path / "x")])
+    bad = run_cli(["-m", "benchmarks.sampler_sweep", "--ckpt", "nolabel", "--out", str(tmp_path / "x")])
     assert bad.returncode != 0 and "LABEL=PATH" in bad.stderr

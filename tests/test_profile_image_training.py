@@ -1,28 +1,19 @@
-"""benchmarks/profile_image_training.py: the form of its rows in --smoke mode, never its timings."""
+"""benchmarks.profile_image_training: the form of its rows in --smoke mode, never its timings."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "benchmarks" / "profile_image_training.py"
-
 
 @pytest.fixture(scope="module")
 def prof():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("profile_image_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import profile_image_training
+
+    return profile_image_training
 
 
 def _rows(path: Path) -> list[dict]:

@@ -180,10 +180,11 @@ def test_eval_with_another_sampler(lowdim_run, tmp_path):
 
 
 def test_speedups_benchmark_compares_eval_and_loader_variants(lowdim_run):
-    """benchmarks/speedups.py on a real checkpoint: every variant runs and counts what it sampled."""
+    """benchmarks.speedups on a real checkpoint: every variant runs and counts what it sampled."""
     proc = run_cli(
         [
-            "benchmarks/speedups.py",
+            "-m",
+            "benchmarks.speedups",
             str(lowdim_run / "checkpoints" / "latest.ckpt"),
             "--device",
             "cpu",
@@ -208,7 +209,7 @@ def test_speedups_benchmark_compares_eval_and_loader_variants(lowdim_run):
     loader = rows["loader.workers1.optimizer_steps_per_s"]["config"]
     assert loader["num_workers"] == 1 and loader["steps"] == 4 and loader["epochs_started"] >= 1
     # bad input: one clear line, no traceback
-    proc = run_cli(["benchmarks/speedups.py", str(lowdim_run / "missing.ckpt")])
+    proc = run_cli(["-m", "benchmarks.speedups", str(lowdim_run / "missing.ckpt")])
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 

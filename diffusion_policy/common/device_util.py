@@ -11,8 +11,9 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """auto -> cuda:0, else mps, else cpu. Asking for a device that is not there raises ``DeviceError``."""
+def resolve_device(spec: str | torch.device | None, option: str = "training.device") -> torch.device:
+    """auto -> cuda:0, else mps, else cpu. Asking for a device that is not there raises ``DeviceError``,
+    whose message names the setting as ``option`` (a config key, or a command-line flag such as --device)."""
     text = "auto" if spec is None else str(spec).strip().lower()
     if text == "auto":
         if torch.cuda.is_available():
@@ -21,25 +22,23 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise DeviceError(
-            f"training.device={spec!r} is not a device; use cpu, cuda, cuda:N, mps or auto"
-        ) from None
+        raise DeviceError(f"{option}={spec!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"training.device={spec} requested but CUDA is not available (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}); use training.device=cpu or training.device=auto"
+                f"{option}={spec} requested but CUDA is not available (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}); use {option}=cpu or {option}=auto"
             )
         index = 0 if device.index is None else device.index
         if index >= torch.cuda.device_count():
             raise DeviceError(
-                f"training.device={spec} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"{option}={spec} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
         return torch.device("cuda", index)
     if device.type == "mps":
         if not _mps_available():
-            raise DeviceError(f"training.device={spec} requested but MPS is not available; use cpu or auto")
+            raise DeviceError(f"{option}={spec} requested but MPS is not available; use cpu or auto")
         return device
-    raise DeviceError(f"training.device={spec!r} is not supported; use cpu, cuda, cuda:N, mps or auto")
+    raise DeviceError(f"{option}={spec!r} is not supported; use cpu, cuda, cuda:N, mps or auto")

@@ -1,12 +1,21 @@
-"""Small helpers for nested dicts of tensors, optimizer state and mixed-precision training."""
+"""Small helpers for seeding, nested dicts of tensors, optimizer state and mixed-precision training."""
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs a run draws from: torch (all devices), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def dict_apply(x: dict[str, Any], func: Callable[[Any], Any]) -> dict[str, Any]:
@@ -66,8 +75,8 @@ def warn_if_bf16_is_emulated(device: torch.device | str, mixed_precision: str | 
     warnings.warn(
         f"training.mixed_precision=bf16 on a {torch.device(device).type} without native bfloat16 "
         "(CPU: AVX-512-BF16 or AMX; GPU: compute capability 8.0+): it is emulated and may be slower than "
-        "float32; set training.mixed_precision=null (or compare: benchmarks/profile_image_training.py --ab "
-        "baseline,bf16)",
+        "float32; set training.mixed_precision=null (or compare: python -m benchmarks.profile_image_training "
+        "--ab baseline,bf16)",
         RuntimeWarning,
         stacklevel=2,
     )

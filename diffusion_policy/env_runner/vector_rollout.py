@@ -32,6 +32,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from diffusion_policy.common import shutdown
 from diffusion_policy.common.errors import WorkerDiedError
+from diffusion_policy.common.host_info import usable_cpu_count
 from diffusion_policy.gym_util.multistep_wrapper import repeated_space
 
 # forkserver: the parent usually holds torch/CUDA threads, which makes plain fork unsafe
@@ -59,11 +60,7 @@ class RolloutResult:
 
 def default_n_envs(n_episodes: int) -> int:
     """One worker per available core, never more than there are episodes."""
-    try:
-        n_cpu = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n_cpu = os.cpu_count() or 1
-    return max(1, min(n_cpu, n_episodes))
+    return max(1, min(usable_cpu_count(), n_episodes))
 
 
 def _slot_index(obs, idx: np.ndarray):

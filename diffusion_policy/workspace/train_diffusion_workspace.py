@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import random
 import shutil
 import signal
 import time
@@ -49,6 +48,7 @@ from diffusion_policy.common.json_logger import JsonLogger
 from diffusion_policy.common.pytorch_util import (
     dict_apply,
     optimizer_to,
+    seed_everything,
     training_autocast,
     warn_if_bf16_is_emulated,
 )
@@ -56,12 +56,6 @@ from diffusion_policy.common.rules import accumulation_fits_epoch, enforce
 from diffusion_policy.common.wandb_logger import WandbLogger
 from diffusion_policy.model.common.lr_scheduler import get_scheduler
 from diffusion_policy.workspace.base_workspace import BaseWorkspace
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def build(node: DictConfig, what: str, **kwargs) -> Any:
@@ -216,10 +210,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         val_loader = self.make_loader(
             dataset.get_validation_dataset(), cfg.val_dataloader, device, dist_info, name="val_dataloader"
         )
-        normalizer = dataset.get_normalizer()
-        self.model.set_normalizer(normalizer)
-        if self.ema_model is not None:
-            self.ema_model.set_normalizer(normalizer)
+        self.set_normalizer(dataset.get_normalizer())
         sampling_batch = self.fixed_training_batch(dataset, cfg)
 
         # ===== lr schedule, EMA, top-k =====
@@ -233,15 +224,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             ConfigError,
             block="training",
         )
-        self.lr_scheduler = get_scheduler(
-            cfg.training.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=cfg.training.lr_warmup_steps,
-            num_training_steps=(steps_per_epoch * cfg.training.num_epochs)
-            // cfg.training.gradient_accumulate_every,
-        )
-        if self.ema_model is not None:
-            self.ema = build(cfg.ema, "ema", model=self.ema_model)
+        self.build_lr_scheduler_and_ema(cfg, steps_per_epoch)
         ckpt_dir = Path(self.output_dir) / "checkpoints"
         self.topk_manager = TopKCheckpointManager(save_dir=ckpt_dir, **cfg.checkpoint.topk)
 
@@ -280,10 +263,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             self.wandb_run_id = wandb_logger.run_id
 
         # ===== device =====
-        self.model.to(device)
-        if self.ema_model is not None:
-            self.ema_model.to(device)
-        optimizer_to(self.optimizer, device)
+        self.to_device(device)
         train_module = distributed.wrap_for_training(self.model, dist_info, device)
         if dist_info.is_main:
             warn_if_bf16_is_emulated(device, cfg.training.get("mixed_precision"))
@@ -335,6 +315,50 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             distributed.cleanup(dist_info)
 
     # ================================================================== steps
+    def set_normalizer(self, normalizer) -> None:
+        """The dataset's normalizer on the live model and its EMA copy."""
+        self.model.set_normalizer(normalizer)
+        if self.ema_model is not None:
+            self.ema_model.set_normalizer(normalizer)
+
+    def build_lr_scheduler_and_ema(self, cfg: DictConfig, steps_per_epoch: int) -> None:
+        """The LR schedule over the whole run's optimizer steps, and the EMA of the live model (when
+        ``training.use_ema``)."""
+        self.lr_scheduler = get_scheduler(
+            cfg.training.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=cfg.training.lr_warmup_steps,
+            num_training_steps=(steps_per_epoch * cfg.training.num_epochs)
+            // cfg.training.gradient_accumulate_every,
+        )
+        if self.ema_model is not None:
+            self.ema = build(cfg.ema, "ema", model=self.ema_model)
+
+    def to_device(self, device: torch.device) -> None:
+        """The live model, its EMA copy and the optimizer's state onto ``device``."""
+        self.model.to(device)
+        if self.ema_model is not None:
+            self.ema_model.to(device)
+        optimizer_to(self.optimizer, device)
+
+    def train_step(
+        self, train_module, batch: dict, device, autocast, batch_idx: int, accumulate_every: int
+    ) -> torch.Tensor:
+        """One training iteration: ``batch`` to ``device``, the loss under ``autocast``, backward; after every
+        ``accumulate_every``-th batch of the epoch an optimizer step, ``zero_grad`` and an LR-schedule step;
+        then the EMA update. Returns the loss tensor, unscaled and not yet read back (``.item()``)."""
+        batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
+        with autocast:
+            raw_loss = train_module(batch)
+        (raw_loss / accumulate_every).backward()
+        if (batch_idx + 1) % accumulate_every == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.model)
+        return raw_loss
+
     def resume_hint(self) -> str:
         """What a stopped run left behind and how to continue it, for the one-line stop message."""
         latest = self.checkpoint_path("latest")
@@ -425,17 +449,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         for batch_idx, batch in enumerate(bar):
             data_s += time.perf_counter() - tic
             tic = time.perf_counter()
-            batch = dict_apply(batch, lambda x: x.to(device, non_blocking=True))
-            with autocast:
-                raw_loss = train_module(batch)
-            (raw_loss / accum).backward()
-            if (batch_idx + 1) % accum == 0:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.model)
-            loss = raw_loss.item()
+            loss = self.train_step(train_module, batch, device, autocast, batch_idx, accum).item()
             losses.append(loss)
             step_s += time.perf_counter() - tic
             bar.set_postfix(loss=loss, refresh=False)

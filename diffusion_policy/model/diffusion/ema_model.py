@@ -73,10 +73,14 @@ class EMAModel:
                     averaged.append(ema_param)
                     live.append(param.detach().to(dtype=ema_param.dtype))
         if averaged:
-            # decay * ema + (1 - decay) * live as one multi-tensor lerp: one pass over the EMA weights instead
-            # of two (mul, then add), 1.4x faster on a 2-core CPU (docs/results.md); equal to float rounding
-            torch._foreach_lerp_(averaged, live, 1 - self.decay)
+            self.blend(averaged, live)
         self.optimization_step += 1
+
+    def blend(self, averaged: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        """``averaged = decay * averaged + (1 - decay) * live``, in place, for the averaged parameters."""
+        # one multi-tensor lerp: one pass over the EMA weights instead of two (mul, then add), 1.4x faster
+        # on a 2-core CPU (docs/results.md; benchmarks/profile_image_training.py measures the alternatives)
+        torch._foreach_lerp_(averaged, live, 1 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter, current decay and hyper-parameters (weights live in ``averaged_model``)."""
