@@ -199,7 +199,8 @@ class EnvRunnerBlock(_Block):
 
 
 class TaskBlock(_Block):
-    env_runner: EnvRunnerBlock
+    # null: a task without a simulator, judged on validation episodes (no rollouts)
+    env_runner: EnvRunnerBlock | None
 
 
 Dim = _int(1, MAX_DIM)
@@ -378,6 +379,14 @@ def validate_config(
         for h in head:
             parent = parent.setdefault(h, {})
         parent[last] = node
+    runner = data.get("task", {}).get("env_runner")
+    if isinstance(runner, dict) and "_target_" not in runner:
+        # what debug=fast / smoke / smoke_image do to a task without a simulator: they add rollout sizes
+        raise ConfigError(
+            f"task.env_runner has settings {sorted(runner)} but no _target_: a task without a simulator "
+            "needs task.env_runner: null, and its smoke run is debug=smoke_no_sim (debug=fast/smoke/"
+            f"smoke_image add rollout settings) ({source.origin('task.env_runner')})"
+        )
     try:
         RunConfig.model_validate(data)
     except ValidationError as e:
@@ -492,7 +501,7 @@ def _dataset_obs_steps_fit(d):
 
 
 def _runner_window_matches(d):
-    runner = d["task"]["env_runner"]
+    runner = d["task"]["env_runner"] or {}
     for name in ("n_obs_steps", "n_action_steps", "n_latency_steps"):
         if name in runner and name in d and runner[name] != d[name]:
             return (
@@ -505,7 +514,7 @@ def _runner_window_matches(d):
 
 
 def _runner_has_episodes(d):
-    runner = d["task"]["env_runner"]
+    runner = d["task"]["env_runner"] or {}
     if runner.get("n_train", 0) + runner.get("n_test", 0) < 1 and {"n_train", "n_test"} & set(runner):
         return (
             ["task", "env_runner", "n_test"],
@@ -595,6 +604,20 @@ def _topk_name_formats(d):
     return None
 
 
+def _topk_without_rollouts(d):
+    """Without an env runner only training and validation metrics exist; a test_* key would rank nothing."""
+    key = d["checkpoint"]["topk"]["monitor_key"]
+    if d["task"]["env_runner"] is None and d["checkpoint"]["topk"].get("k", 1) > 0 and key.startswith("test"):
+        return (
+            ["checkpoint", "topk", "monitor_key"],
+            key,
+            "a metric logged without rollouts (val_loss, val_action_mse_error, train_loss), since "
+            "task.env_runner is null",
+            "task.env_runner",
+        )
+    return None
+
+
 def _image_shapes(d):
     meta = d.get("shape_meta")
     if not meta:
@@ -617,6 +640,7 @@ CROSS_FIELD_RULES = (
     _accumulation_fits,
     _decay_keeps_weights,
     _ema_range_ordered,
+    _topk_without_rollouts,
     _topk_name_formats,
     _image_shapes,
     _lr_scheduler_known,
