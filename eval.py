@@ -237,6 +237,11 @@ def evaluate(
         policy, cfg, label = load_exported(checkpoint, backend, sampler, inference_steps, threads, noise_seed)
 
     runner_cfg = cfg.task.env_runner
+    if runner_cfg is None:
+        raise ConfigError(
+            f"{checkpoint}: its task has no simulator (task.env_runner: null), so there is nothing to roll "
+            "out; its validation metrics (val_loss, val_action_mse_error) are in the run's logs.json.txt"
+        )
     if n_test is not None:
         runner_cfg = with_test_seeds(runner_cfg, n_test)
 

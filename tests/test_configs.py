@@ -46,12 +46,13 @@ def test_every_config_file_is_covered():
     # new recipes join COMBOS automatically through PRIMARY; these must never go missing
     assert sorted([DPT_IMAGE, DPT_STATE, HYBRID, IMAGE, LOWDIM]) == PRIMARY
     assert {name for name, _ in COMBOS} == set(PRIMARY)
-    assert _group_options("task") == ["pusht_image", "pusht_lowdim"]
+    assert _group_options("task") == ["custom_zarr", "pusht_image", "pusht_lowdim"]
     assert _group_options("policy/noise_scheduler") == ["ddim", "ddpm", "flow_matching"]
     assert _group_options("debug") == [
         "fast",
         "smoke",
         "smoke_image",
+        "smoke_no_sim",
         "smoke_transformer",
         "smoke_transformer_image",
     ]
@@ -72,6 +73,9 @@ COMBOS = (
         for o in ("ddim", "flow_matching")
     ]
     + [(LOWDIM, ["experiment=pusht_lowdim_cpu", "policy/noise_scheduler=flow_matching"])]
+    # the template for a task without a simulator, with every recipe that reads shape_meta
+    + [(name, ["task=custom_zarr", "task.dataset.zarr_path=x.zarr"]) for name in (HYBRID, IMAGE, DPT_IMAGE)]
+    + [(HYBRID, ["task=custom_zarr", "task.dataset.zarr_path=x.zarr", "debug=smoke_no_sim"])]
 )
 
 
@@ -83,7 +87,8 @@ def test_compose_resolves_and_targets_import(name, overrides):
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     get_class(container["_target_"])
     for node in (container["policy"], container["task"]["dataset"], container["task"]["env_runner"]):
-        get_class(node["_target_"])
+        if node is not None:  # task.env_runner: null is a task without a simulator
+            get_class(node["_target_"])
     get_class(container["policy"]["noise_scheduler"]["_target_"])
     assert "eval:" not in OmegaConf.to_yaml(cfg), "our configs use the safe `calc` resolver, never `eval`"
 

@@ -58,6 +58,14 @@ def validate_config(
         for h in head:
             parent = parent.setdefault(h, {})
         parent[last] = node
+    runner = data.get("task", {}).get("env_runner")
+    if isinstance(runner, dict) and "_target_" not in runner:
+        # what debug=fast / smoke / smoke_image do to a task without a simulator: they add rollout sizes
+        raise ConfigError(
+            f"task.env_runner has settings {sorted(runner)} but no _target_: a task without a simulator "
+            "needs task.env_runner: null, and its smoke run is debug=smoke_no_sim (debug=fast/smoke/"
+            f"smoke_image add rollout settings) ({source.origin('task.env_runner')})"
+        )
     try:
         RunConfig.model_validate(data)
     except ValidationError as e:

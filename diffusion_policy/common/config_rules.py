@@ -38,7 +38,7 @@ def dataset_obs_steps_fit(d: Data) -> Violation | None:
 
 
 def runner_window_matches(d: Data) -> Violation | None:
-    runner = d["task"]["env_runner"]
+    runner = d["task"]["env_runner"] or {}
     for name in ("n_obs_steps", "n_action_steps", "n_latency_steps"):
         if name in runner and name in d and runner[name] != d[name]:
             return Violation(
@@ -51,7 +51,7 @@ def runner_window_matches(d: Data) -> Violation | None:
 
 
 def rollout_seeds_in_range(d: Data) -> Violation | None:
-    runner = d["task"]["env_runner"]
+    runner = d["task"]["env_runner"] or {}
     if not {"n_train", "n_test"} & set(runner):
         return None  # a runner that does not plan seeded episodes
     seeds = [runner.get(k, 0) for k in ("n_train", "n_test", "train_start_seed", "test_start_seed")]
@@ -117,6 +117,21 @@ def topk_name_formats(d: Data) -> Violation | None:
     return None
 
 
+def topk_without_rollouts(d: Data) -> Violation | None:
+    """Without an env runner only training and validation metrics exist; a test_* key would rank nothing."""
+    topk = d["checkpoint"]["topk"]
+    key = topk["monitor_key"]
+    if d["task"]["env_runner"] is None and topk.get("k", 1) > 0 and key.startswith("test"):
+        return Violation(
+            "checkpoint.topk.monitor_key",
+            key,
+            "a metric logged without rollouts (val_loss, val_action_mse_error, train_loss), since "
+            "task.env_runner is null",
+            ("task.env_runner",),
+        )
+    return None
+
+
 def image_shapes(d: Data) -> Violation | None:
     meta = d.get("shape_meta")
     if not meta:
@@ -138,6 +153,7 @@ CROSS_KEY_RULES = (
     accumulation_fits_epoch,
     decay_keeps_weights,
     ema_decay_in_range,
+    topk_without_rollouts,
     topk_name_formats,
     image_shapes,
     lr_schedule_known,

@@ -188,7 +188,8 @@ class EnvRunnerBlock(_Block):
 
 
 class TaskBlock(_Block):
-    env_runner: EnvRunnerBlock
+    # null: a task without a simulator, judged on validation episodes (no rollouts)
+    env_runner: EnvRunnerBlock | None
 
 
 Dim = _int(1, MAX_DIM)

@@ -212,6 +212,10 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         )
         self.set_normalizer(dataset.get_normalizer())
         sampling_batch = self.fixed_training_batch(dataset, cfg)
+        # A task without a simulator (task.env_runner: null) is judged on held-out episodes instead of
+        # rollouts: a fixed validation batch feeds val_action_mse_error (see evaluate()).
+        has_runner = cfg.task.get("env_runner") is not None
+        val_sampling_batch = None if has_runner else self.fixed_validation_batch(val_loader.dataset, cfg)
 
         # ===== lr schedule, EMA, top-k =====
         steps_per_epoch = len(train_loader)
@@ -250,7 +254,8 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         # ===== env runner and loggers (rank 0 only) =====
         env_runner = json_logger = wandb_logger = None
         if dist_info.is_main:
-            env_runner = build(cfg.task.env_runner, "task.env_runner", output_dir=self.output_dir)
+            if has_runner:
+                env_runner = build(cfg.task.env_runner, "task.env_runner", output_dir=self.output_dir)
             json_logger = JsonLogger(Path(self.output_dir) / "logs.json.txt")
             # a resumed run redoes the steps after its checkpoint: drop their old log lines
             json_logger.start(drop_from_step=self.global_step if resumed_rng is not None else None)
@@ -290,7 +295,15 @@ class TrainDiffusionWorkspace(BaseWorkspace):
 
                 if dist_info.is_main:
                     step_log.update(
-                        self.evaluate(cfg, device, val_loader, env_runner, sampling_batch, is_last_epoch)
+                        self.evaluate(
+                            cfg,
+                            device,
+                            val_loader,
+                            env_runner,
+                            sampling_batch,
+                            is_last_epoch,
+                            val_sampling_batch,
+                        )
                     )
                 step_log["time/epoch_s"] = time.perf_counter() - epoch_start
                 log(step_log)
@@ -473,8 +486,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         return step_log
 
     @torch.no_grad()
-    def evaluate(self, cfg, device, val_loader, env_runner, sampling_batch, is_last_epoch) -> dict[str, Any]:
-        """Validation loss, rollouts and action MSE, each on its own cadence; rank 0 only."""
+    def evaluate(
+        self, cfg, device, val_loader, env_runner, sampling_batch, is_last_epoch, val_sampling_batch=None
+    ) -> dict[str, Any]:
+        """Validation loss, rollouts and action MSE, each on its own cadence; rank 0 only.
+
+        Without an env runner there are no rollouts; ``val_action_mse_error`` (the same action MSE on a
+        fixed batch of validation windows) is reported at the ``sample_every`` cadence instead."""
         t = cfg.training
         out: dict[str, Any] = {}
         policy = self.eval_policy
@@ -493,7 +511,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
                 out["val_loss"] = float(np.mean(val_losses))
             out["time/val_s"] = time.perf_counter() - tic
 
-        if self.epoch % t.rollout_every == 0 or is_last_epoch:
+        if env_runner is not None and (self.epoch % t.rollout_every == 0 or is_last_epoch):
             shutdown.raise_if_requested()  # the rollout checks again at every policy call
             tic = time.perf_counter()
             out.update(env_runner.run(policy))
@@ -505,6 +523,10 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             batch = dict_apply(sampling_batch, lambda x: x.to(device, non_blocking=True))
             result = policy.predict_action(self.sampling_obs(batch))
             out["train_action_mse_error"] = self.action_mse(result, batch).item()
+            if val_sampling_batch is not None:
+                batch = dict_apply(val_sampling_batch, lambda x: x.to(device, non_blocking=True))
+                result = policy.predict_action(self.sampling_obs(batch))
+                out["val_action_mse_error"] = self.action_mse(result, batch).item()
             out["time/sample_s"] = time.perf_counter() - tic
         return out
 
@@ -553,6 +575,15 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         n = min(len(dataset), int(cfg.dataloader.batch_size))
         idx = torch.randperm(len(dataset), generator=g)[:n].tolist()
         return torch.utils.data.default_collate([dataset[i] for i in idx])
+
+    def fixed_validation_batch(self, val_dataset, cfg: DictConfig) -> dict[str, Any]:
+        """The same kind of fixed batch from the validation windows, for a task without env runner."""
+        if len(val_dataset) == 0:
+            raise ConfigError(
+                "task.env_runner is null, so the run is judged on validation episodes, but task.dataset has "
+                "none; set task.dataset.val_ratio > 0 (or give the zarr a meta/val_mask split)"
+            )
+        return self.fixed_training_batch(val_dataset, cfg)
 
     def sampling_obs(self, batch: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError

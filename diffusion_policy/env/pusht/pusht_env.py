@@ -212,6 +212,11 @@ class PushTEnv(gym.Env):
         self.space = None
         self._canvas = None
 
+    @property
+    def canvas(self) -> pygame.Surface | None:
+        """The full-size (512x512) drawing of the last ``render()``, e.g. to show in a window."""
+        return self._canvas
+
     # ------------------------------------------------------------------ state
     @staticmethod
     def sample_state(seed: int) -> np.ndarray:
