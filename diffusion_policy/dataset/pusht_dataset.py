@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
 from diffusion_policy.common.replay_buffer import ReplayBuffer
-from diffusion_policy.common.sampler import SequenceSampler, split_episodes
+from diffusion_policy.common.sampler import split_episodes
 from diffusion_policy.dataset.base_dataset import BaseLowdimDataset
+from diffusion_policy.dataset.episode_windows import EpisodeWindows, check_window_args
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 
 
-def check_window_args(horizon: int, pad_before: int, pad_after: int) -> None:
-    if horizon < 1:
-        raise ValueError(f"horizon={horizon} must be >= 1")
-    if pad_before < 0 or pad_after < 0:
-        raise ValueError(f"pad_before={pad_before} and pad_after={pad_after} must be >= 0")
-
-
-class PushTLowdimDataset(BaseLowdimDataset):
+class PushTLowdimDataset(EpisodeWindows, BaseLowdimDataset):
     """Windows of ``horizon`` steps over the PushT zarr, loaded into RAM (a few MB).
 
     obs = the 9 block keypoints flattened (18) + agent position (2) = 20 dims; action = 2 dims.
@@ -44,40 +36,12 @@ class PushTLowdimDataset(BaseLowdimDataset):
     ) -> None:
         super().__init__()
         check_window_args(horizon, pad_before, pad_after)
-        self.replay_buffer = ReplayBuffer.copy_from_path(zarr_path, keys=[obs_key, state_key, action_key])
-        self.train_mask, self.val_mask = split_episodes(
-            self.replay_buffer.n_episodes, val_ratio, max_train_episodes, seed
-        )
-        self.horizon = horizon
-        self.pad_before = pad_before
-        self.pad_after = pad_after
+        replay_buffer = ReplayBuffer.copy_from_path(zarr_path, keys=[obs_key, state_key, action_key])
         self.obs_key = obs_key
         self.state_key = state_key
         self.action_key = action_key
-        self.sampler = self._make_sampler(self.train_mask)
-
-    @property
-    def train_episodes(self) -> np.ndarray:
-        return np.nonzero(self.train_mask)[0]
-
-    @property
-    def val_episodes(self) -> np.ndarray:
-        return np.nonzero(self.val_mask)[0]
-
-    def _make_sampler(self, mask: np.ndarray) -> SequenceSampler:
-        return SequenceSampler(
-            self.replay_buffer,
-            sequence_length=self.horizon,
-            pad_before=self.pad_before,
-            pad_after=self.pad_after,
-            episode_mask=mask,
-        )
-
-    def get_validation_dataset(self) -> PushTLowdimDataset:
-        """The validation episodes only (empty when ``val_ratio`` is 0)."""
-        val_set = copy.copy(self)
-        val_set.sampler = self._make_sampler(self.val_mask)
-        return val_set
+        train_mask, val_mask = split_episodes(replay_buffer.n_episodes, val_ratio, max_train_episodes, seed)
+        self.init_windows(replay_buffer, horizon, pad_before, pad_after, train_mask, val_mask)
 
     def _sample_to_data(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keypoint = sample[self.obs_key]
@@ -95,9 +59,6 @@ class PushTLowdimDataset(BaseLowdimDataset):
     def get_all_actions(self) -> torch.Tensor:
         """(N, 2) actions of every episode."""
         return torch.from_numpy(np.asarray(self.replay_buffer[self.action_key], dtype=np.float32))
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         """-> {"obs": float32 (horizon, 20), "action": float32 (horizon, 2)}"""

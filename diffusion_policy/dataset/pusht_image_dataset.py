@@ -2,53 +2,20 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
-import zarr
 
 from diffusion_policy.common.normalize_util import get_image_range_normalizer
 from diffusion_policy.common.replay_buffer import ReplayBuffer
-from diffusion_policy.common.sampler import SequenceSampler, split_episodes
+from diffusion_policy.common.sampler import split_episodes
 from diffusion_policy.dataset.base_dataset import BaseImageDataset
-from diffusion_policy.dataset.pusht_dataset import check_window_args
+from diffusion_policy.dataset.episode_windows import EpisodeWindows, check_window_args, episodes_in_ram
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 
 REQUIRED_KEYS = ("img", "state", "action")
 
 
-def load_frames_uint8(img: zarr.Array | np.ndarray, step_mask: np.ndarray) -> np.ndarray:
-    """The rows of ``img`` (N, H, W, C) where ``step_mask`` is True, as uint8.
-
-    Reads one storage chunk at a time, so the float32 array (2.8 GB for PushT) never exists in
-    RAM; chunks without selected rows are not read at all. Values must be integers in [0, 255].
-    """
-    n = img.shape[0]
-    if step_mask.shape != (n,):
-        raise ValueError(f"step_mask has shape {step_mask.shape}, expected ({n},)")
-    out = np.empty((int(step_mask.sum()), *img.shape[1:]), dtype=np.uint8)
-    chunk_len = img.chunks[0] if isinstance(img, zarr.Array) else 256
-    pos = 0
-    for start in range(0, n, chunk_len):
-        rows = np.nonzero(step_mask[start : start + chunk_len])[0]
-        if rows.size == 0:
-            continue
-        block = np.asarray(img[start : start + chunk_len])[rows]
-        if block.dtype != np.uint8:
-            converted = block.astype(np.uint8)
-            if not np.array_equal(converted, block):
-                raise ValueError(
-                    f"data/img rows {start}..{start + chunk_len} hold values that are not integers in "
-                    f"[0, 255] (dtype {block.dtype}); PushT images must be 0..255 RGB"
-                )
-            block = converted
-        out[pos : pos + rows.size] = block
-        pos += rows.size
-    return out
-
-
-class PushTImageDataset(BaseImageDataset):
+class PushTImageDataset(EpisodeWindows, BaseImageDataset):
     """Windows of ``horizon`` steps: image (3, 96, 96) in [0, 1], agent_pos (2,), action (2,).
 
     Frames are kept in RAM as uint8 and only for the episodes of the train and validation splits
@@ -81,56 +48,15 @@ class PushTImageDataset(BaseImageDataset):
             raise ValueError(
                 f"{zarr_path}: data/{missing[0]} is missing; PushT image data needs {REQUIRED_KEYS}"
             )
-        self.train_mask, self.val_mask = split_episodes(
-            source.n_episodes, val_ratio, max_train_episodes, seed
-        )
+        train_mask, val_mask = split_episodes(source.n_episodes, val_ratio, max_train_episodes, seed)
         self.all_state = np.asarray(source["state"][:], dtype=np.float32)
         self.all_action = np.asarray(source["action"][:], dtype=np.float32)
-
-        used = self.train_mask | self.val_mask
-        lengths = source.episode_lengths
-        step_mask = np.repeat(used, lengths)
-        self.replay_buffer = ReplayBuffer(
-            {
-                "data": {
-                    "img": load_frames_uint8(source["img"], step_mask),
-                    "state": self.all_state[step_mask],
-                    "action": self.all_action[step_mask],
-                },
-                "meta": {"episode_ends": np.cumsum(lengths[used]).astype(np.int64)},
-            }
-        )
-        self._train_mask_used = self.train_mask[used]
-        self._val_mask_used = self.val_mask[used]
-        self.horizon = horizon
-        self.pad_before = pad_before
-        self.pad_after = pad_after
+        used = train_mask | val_mask
+        low_dim = {"state": self.all_state, "action": self.all_action}
+        replay_buffer = episodes_in_ram(source, ["img"], low_dim, used)
         self.n_obs_steps = n_obs_steps
-        self.sampler = self._make_sampler(self._train_mask_used)
-
-    @property
-    def train_episodes(self) -> np.ndarray:
-        return np.nonzero(self.train_mask)[0]
-
-    @property
-    def val_episodes(self) -> np.ndarray:
-        return np.nonzero(self.val_mask)[0]
-
-    def _make_sampler(self, mask: np.ndarray) -> SequenceSampler:
-        return SequenceSampler(
-            self.replay_buffer,
-            sequence_length=self.horizon,
-            pad_before=self.pad_before,
-            pad_after=self.pad_after,
-            key_first_k={"img": self.n_obs_steps} if self.n_obs_steps is not None else None,
-            episode_mask=mask,
-        )
-
-    def get_validation_dataset(self) -> PushTImageDataset:
-        """The validation episodes only (empty when ``val_ratio`` is 0); shares the frames in RAM."""
-        val_set = copy.copy(self)
-        val_set.sampler = self._make_sampler(self._val_mask_used)
-        return val_set
+        first_k = {"img": n_obs_steps} if n_obs_steps is not None else None
+        self.init_windows(replay_buffer, horizon, pad_before, pad_after, train_mask, val_mask, used, first_k)
 
     def get_normalizer(self, mode: str = "limits", **kwargs) -> LinearNormalizer:
         """action and agent_pos fitted on every episode of the file; image maps [0, 1] to [-1, 1]."""
@@ -143,9 +69,6 @@ class PushTImageDataset(BaseImageDataset):
     def get_all_actions(self) -> torch.Tensor:
         """(N, 2) actions of every episode."""
         return torch.from_numpy(self.all_action)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __getitem__(self, idx: int) -> dict:
         """-> {"obs": {"image": float32 (To, 3, 96, 96) in [0, 1], "agent_pos": float32 (T, 2)},

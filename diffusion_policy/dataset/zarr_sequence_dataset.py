@@ -9,7 +9,6 @@ robomimic ``mask/valid``, for instance).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,10 +16,9 @@ import torch
 
 from diffusion_policy.common.normalize_util import get_image_range_normalizer
 from diffusion_policy.common.replay_buffer import ReplayBuffer
-from diffusion_policy.common.sampler import SequenceSampler, downsample_mask, split_episodes
+from diffusion_policy.common.sampler import downsample_mask, split_episodes
 from diffusion_policy.dataset.base_dataset import BaseImageDataset
-from diffusion_policy.dataset.pusht_dataset import check_window_args
-from diffusion_policy.dataset.pusht_image_dataset import load_frames_uint8
+from diffusion_policy.dataset.episode_windows import EpisodeWindows, check_window_args, episodes_in_ram
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 
 ACTION_KEY = "action"
@@ -49,7 +47,7 @@ def parse_shape_meta(
     return rgb, low_dim, action_shape[0]
 
 
-class ZarrSequenceDataset(BaseImageDataset):
+class ZarrSequenceDataset(EpisodeWindows, BaseImageDataset):
     """Windows of ``horizon`` steps, ``{"obs": {key: ...}, "action": (T, Da)}``, for ``shape_meta``'s keys.
 
     rgb keys come out as float32 (To, C, H, W) in [0, 1], low-dim keys as float32 (T, *shape). Frames are kept
@@ -91,28 +89,17 @@ class ZarrSequenceDataset(BaseImageDataset):
                     f"{zarr_path}: meta/{VAL_MASK_KEY} has shape {val_mask.shape}, expected ({n_episodes},) "
                     "(one flag per episode)"
                 )
-            self.train_mask = downsample_mask(~val_mask, max_train_episodes, seed=seed)
-            self.val_mask = val_mask
+            train_mask = downsample_mask(~val_mask, max_train_episodes, seed=seed)
         else:
-            self.train_mask, self.val_mask = split_episodes(n_episodes, val_ratio, max_train_episodes, seed)
+            train_mask, val_mask = split_episodes(n_episodes, val_ratio, max_train_episodes, seed)
 
         low_keys = [*self.low_dim_shapes, ACTION_KEY]
         self.all_low_dim = {k: np.asarray(source[k][:], dtype=np.float32) for k in low_keys}
-        used = self.train_mask | self.val_mask
-        lengths = source.episode_lengths
-        step_mask = np.repeat(used, lengths)
-        data = {k: load_frames_uint8(source[k], step_mask) for k in self.rgb_shapes}
-        data.update({k: v[step_mask] for k, v in self.all_low_dim.items()})
-        self.replay_buffer = ReplayBuffer(
-            {"data": data, "meta": {"episode_ends": np.cumsum(lengths[used]).astype(np.int64)}}
-        )
-        self._train_mask_used = self.train_mask[used]
-        self._val_mask_used = self.val_mask[used]
-        self.horizon = horizon
-        self.pad_before = pad_before
-        self.pad_after = pad_after
+        used = train_mask | val_mask
+        replay_buffer = episodes_in_ram(source, list(self.rgb_shapes), self.all_low_dim, used)
         self.n_obs_steps = n_obs_steps
-        self.sampler = self._make_sampler(self._train_mask_used)
+        first_k = dict.fromkeys(self.rgb_shapes, n_obs_steps) if n_obs_steps is not None else None
+        self.init_windows(replay_buffer, horizon, pad_before, pad_after, train_mask, val_mask, used, first_k)
 
     def _check_keys(self, source: ReplayBuffer, zarr_path: str, action_dim: int) -> None:
         hint = "; print the file's keys with import_dataset.py --describe, or fix task.shape_meta"
@@ -133,31 +120,6 @@ class ZarrSequenceDataset(BaseImageDataset):
                     f"{list(shape)}{layout}{hint}"
                 )
 
-    @property
-    def train_episodes(self) -> np.ndarray:
-        return np.nonzero(self.train_mask)[0]
-
-    @property
-    def val_episodes(self) -> np.ndarray:
-        return np.nonzero(self.val_mask)[0]
-
-    def _make_sampler(self, mask: np.ndarray) -> SequenceSampler:
-        first_k = dict.fromkeys(self.rgb_shapes, self.n_obs_steps) if self.n_obs_steps is not None else None
-        return SequenceSampler(
-            self.replay_buffer,
-            sequence_length=self.horizon,
-            pad_before=self.pad_before,
-            pad_after=self.pad_after,
-            key_first_k=first_k,
-            episode_mask=mask,
-        )
-
-    def get_validation_dataset(self) -> ZarrSequenceDataset:
-        """The validation episodes only (empty when there are none); shares the frames in RAM."""
-        val_set = copy.copy(self)
-        val_set.sampler = self._make_sampler(self._val_mask_used)
-        return val_set
-
     def get_normalizer(self, mode: str = "limits", **kwargs) -> LinearNormalizer:
         """Low-dim keys and action fitted on every episode of the file; rgb keys map [0, 1] to [-1, 1]."""
         normalizer = LinearNormalizer()
@@ -168,9 +130,6 @@ class ZarrSequenceDataset(BaseImageDataset):
 
     def get_all_actions(self) -> torch.Tensor:
         return torch.from_numpy(self.all_low_dim[ACTION_KEY])
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __getitem__(self, idx: int) -> dict:
         sample = self.sampler.sample_sequence(idx)
