@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,21 +15,10 @@ from diffusion_policy.env.pusht.pusht_env import PushTEnv
 from diffusion_policy.env.pusht.pusht_image_env import PushTImageEnv
 from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
 
-# Block keypoints in the block's body frame as listed in the spec (the original generator's output).
-# Written out here rather than imported so the test checks the env against the spec, not itself.
-SPEC_BLOCK_KEYPOINTS = np.array(
-    [
-        [9.2698, 90.0410],
-        [-60.9835, -1.1867],
-        [60.9128, -1.3934],
-        [-0.2705, 25.5436],
-        [-14.0649, 122.8159],
-        [39.0027, 32.8574],
-        [-39.9664, 32.7297],
-        [-16.8243, 62.8632],
-        [23.5415, -1.7003],
-    ]
-)
+# Block keypoints in the block's body frame as listed in the spec (the original generator's output), kept as
+# data so the test checks the env against the spec, not against itself.
+_SPEC = json.loads((Path(__file__).parent / "fixtures" / "pusht_block_keypoints.json").read_text())
+SPEC_BLOCK_KEYPOINTS = np.array(_SPEC["block_keypoints"])
 N_EPISODES = 206
 RENDER_EPISODES = range(0, N_EPISODES, 20)  # 11 episodes, ~1400 frames
 

@@ -61,31 +61,23 @@ def _in_module_order(names: list[str], position: dict[str, int]) -> bool:
     return all(position[a] < position[b] for a, b in zip(names, names[1:]))
 
 
-def saved_param_names(
-    saved: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
-    module: torch.nn.Module,
-    saved_model_keys: Iterable[str],
-    source: str = "checkpoint",
-) -> list[list[str]]:
-    """The parameter name at every position of the saved optimizer state ``saved``, per group."""
-    groups = saved["param_groups"]
+def _saved_names(groups: list, current: list, position: dict, saved_keys: Iterable, source: str) -> list:
+    """The parameter name at every position of the saved groups: stored, or inferred (module docstring)
+    from ``current`` (this optimizer's names per group) and the saved model state dict's key order."""
     if all(NAMES_KEY in g for g in groups):
         return [list(g[NAMES_KEY]) for g in groups]
-    # no names stored: see the module docstring
-    saved_position = {key: i for i, key in enumerate(saved_model_keys)}
-    position = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+    saved_position = {key: i for i, key in enumerate(saved_keys)}
     names = []
-    for current in group_param_names(optimizer, module):
-        if _in_module_order(current, position):
-            absent = [n for n in current if n not in saved_position]
+    for group in current:
+        if _in_module_order(group, position):
+            absent = [n for n in group if n not in saved_position]
             if absent:
                 raise CheckpointError(
                     f"checkpoint {source}: its model state has no parameter '{absent[0]}', which the "
                     "optimizer of this code holds"
                 )
-            current = sorted(current, key=saved_position.__getitem__)
-        names.append(current)
+            group = sorted(group, key=saved_position.__getitem__)
+        names.append(group)
     return names
 
 
@@ -106,7 +98,8 @@ def place_by_name(
             f"checkpoint {source}: its optimizer has {len(saved_groups)} parameter groups where this code "
             f"builds {len(current)}"
         )
-    names = saved_param_names(saved, optimizer, module, saved_model_keys, source)
+    position = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+    names = _saved_names(saved_groups, current, position, saved_model_keys, source)
     group_of = {name: g for g, group in enumerate(current) for name in group}
     for g, (group, group_names) in enumerate(zip(saved_groups, names)):
         if len(group["params"]) != len(group_names):
