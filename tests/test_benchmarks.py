@@ -70,6 +70,7 @@ def smoke(pusht_zarr_path, tmp_path_factory):
     return proc, out_file
 
 
+@pytest.mark.needs_data
 def test_smoke_prints_one_valid_row_per_benchmark(smoke):
     proc, _ = smoke
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -108,6 +109,7 @@ def test_smoke_prints_one_valid_row_per_benchmark(smoke):
     assert by_name["env_steps.state_render"]["config"]["render_calls"] > 0
 
 
+@pytest.mark.needs_data
 def test_out_file_holds_the_same_rows(smoke):
     proc, out_file = smoke
     stdout_rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
@@ -115,6 +117,7 @@ def test_out_file_holds_the_same_rows(smoke):
     assert file_rows == stdout_rows
 
 
+@pytest.mark.needs_data
 def test_only_rejects_unknown_benchmark(pusht_zarr_path):
     proc = _script("run.py", "--smoke", "--only", "env_steps,no_such_bench", env=_env(pusht_zarr_path))
     assert proc.returncode != 0
