@@ -33,10 +33,11 @@ N_EPOCHS = 4  # lowdim_args: rollouts at epochs 0, 2 and the last (3); epoch 1 c
 
 
 def run_cli(
-    args: list[str], env: dict | None = None, timeout: float = 240, prelude: str = ""
+    args: list[str], env: dict | None = None, timeout: float = 900, prelude: str = ""
 ) -> subprocess.CompletedProcess:
     """``python *args`` in the repository root. ``prelude``: Python run first, in the same process (e.g.
-    making ``import dill`` fail), then the script ``args[0]`` with the rest as its arguments."""
+    making ``import dill`` fail), then the script ``args[0]`` with the rest as its arguments.
+    ``timeout`` only guards against a hang (a loaded machine may be many times slower than a quiet one)."""
     cmd = [sys.executable, *args]
     if prelude:
         script, rest = args[0], args[1:]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
@@ -42,14 +43,10 @@ UNITS = {"optimizer_steps_per_s": "steps/s", "samples_per_s": "samples/s", "data
 
 
 def _env(pusht_zarr_path: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1", PUSHT_ZARR=pusht_zarr_path, WANDB_MODE="disabled", SDL_VIDEODRIVER="dummy"
-    )
-    return env
+    return {**ENV, "PUSHT_ZARR": pusht_zarr_path}
 
 
-def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 60):
+def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
     return subprocess.run(
         [sys.executable, str(BENCH / name), *args],
         cwd=REPO_ROOT,

@@ -23,6 +23,7 @@ from diffusion_policy.workspace.base_workspace import load_policy
 from tests.helpers import (
     assert_ok,
     assert_one_line_error,
+    evaluate_in_process,
     lowdim_args,
     run_cli,
 )
@@ -250,13 +251,18 @@ def test_state_flow_policy_trains_and_evaluates_at_several_step_counts(flow_run,
     assert sampler_label(policy) == f"FlowMatchingScheduler-euler-{cfg.policy.num_inference_steps}"
     for args, label in (
         (["--inference-steps", "1"], "FlowMatchingScheduler-euler-1"),
-        (["--inference-steps", "2", "--n-test", "2"], "FlowMatchingScheduler-euler-2"),
+        (["--inference-steps", "2", "--n-test", "2", "--noise-seed", "0"], "FlowMatchingScheduler-euler-2"),
         (["--sampler", "heun", "--inference-steps", "2"], "FlowMatchingScheduler-heun-2"),
     ):
         out = tmp_path / label
         assert_ok(run_cli(["eval.py", "-c", str(ckpt), "-o", str(out), "-d", "cpu", *args]))
         log = json.loads((out / "eval_log.json").read_text())
         assert log["eval/sampler"] == label and 0.0 <= log["test/mean_score"] <= 1.0
+    # with seeded noise the ODE sampler is deterministic: the same evaluation again, in this process
+    again = evaluate_in_process(ckpt, tmp_path / "again", inference_steps=2, n_test=2, noise_seed=0)
+    assert again["eval/sampler"] == "FlowMatchingScheduler-euler-2"
+    seeded = json.loads((tmp_path / "FlowMatchingScheduler-euler-2" / "eval_log.json").read_text())
+    assert again["test/mean_score"] == seeded["test/mean_score"]
     proc = run_cli(["eval.py", "-c", str(ckpt), "-o", str(tmp_path / "bad"), "--sampler", "ddim"])
     assert_one_line_error(proc, "flow matching", "euler")
     assert not (tmp_path / "bad").exists()

@@ -343,9 +343,9 @@ def test_ddp_wrapper_averages_gradients():
     procs = [ctx.Process(target=_ddp_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    grads = dict(queue.get(timeout=120) for _ in range(2))
+    grads = dict(queue.get(timeout=600) for _ in range(2))  # against a hang only
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=600)
         assert p.exitcode == 0
     assert grads[0] == [1.5, 1.5] and grads[1] == grads[0], grads
 
