@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests that need the PushT demonstrations fail (never skip) when it is missing."""
+"""Shared fixtures. Tests that need the PushT demonstrations fail (never skip) when it is missing.
+
+Every test that reads them (through ``pusht_zarr_path``) carries ``@pytest.mark.needs_data``, so that
+``python -m pytest -m "not needs_data"`` is a quick tier that runs without the dataset; a test that uses
+the fixture without the marker fails, naming the marker.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from tests.policy_helpers import pusht_data
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
@@ -29,6 +36,27 @@ def find_pusht_zarr() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tests' own torch work on one intra-op thread, as every script they start (helpers.ENV): the
+    networks are tiny, and on a loaded 2-core machine a second thread spins against the other processes
+    (600 steps of a small MLP: 4 s on one thread, 105 s on two beside a full run)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "pusht_zarr_path" in item.fixturenames and item.get_closest_marker("needs_data") is None:
+        pytest.fail(
+            f"{item.nodeid} reads the PushT data (pusht_zarr_path) but lacks @pytest.mark.needs_data",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def pusht_zarr_path() -> str:
     path = find_pusht_zarr()
@@ -38,3 +66,15 @@ def pusht_zarr_path() -> str:
             "(see README, 'Data')."
         )
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def lowdim_data(pusht_zarr_path):
+    """(dataset, normalizer): 90 PushT state episodes, windows of policy_helpers.HORIZON."""
+    return pusht_data(pusht_zarr_path)
+
+
+@pytest.fixture(scope="session")
+def image_data(pusht_zarr_path):
+    """(dataset, normalizer): 2 PushT image episodes, windows of policy_helpers.HORIZON."""
+    return pusht_data(pusht_zarr_path, image=True)

@@ -1,31 +1,50 @@
 """Kill a training run mid-way with SIGKILL and check that resuming it reproduces an uninterrupted run
-exactly; shared by the end-to-end tests of every policy family."""
+exactly; shared by the end-to-end tests of every policy family. The run is held at a known epoch
+(``diffusion_policy.common.hold_point``) so that the kill never races it, however loaded the machine."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from diffusion_policy.common.checkpoint_io import load_checkpoint_file
+from diffusion_policy.common.hold_point import HOLD_AT_EPOCH, HOLD_DIR, held_marker
+from tests.helpers import ENV, start_cli
+
+HOLD_EPOCH = 2  # of the 4-epoch runs: after a checkpoint epoch without a rollout (1) and one with (0)
 
 
-def sigkill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path, env: dict) -> int:
-    """Start ``python *args``, SIGKILL it once ``latest.ckpt`` exists; returns the checkpoint's epoch."""
-    latest = run_dir / "checkpoints" / "latest.ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 180
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+def start_held(args: list[str], hold_dir: Path, epoch: int = HOLD_EPOCH, **popen) -> subprocess.Popen:
+    """Start ``python *args`` told to hold at the start of ``epoch`` (``common.hold_point``)."""
+    hold_dir.mkdir(parents=True, exist_ok=True)
+    return start_cli(args, env={**ENV, HOLD_AT_EPOCH: str(epoch), HOLD_DIR: str(hold_dir)}, **popen)
+
+
+def wait_until_held(proc: subprocess.Popen, hold_dir: Path, epoch: int = HOLD_EPOCH) -> None:
+    """Block until the run says it is held at ``epoch``; fails if it exits first."""
+    marker = held_marker(hold_dir, epoch)
+    deadline = time.time() + 900  # only against a hung run: the handshake, not this, decides when to act
+    while not marker.exists():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before reaching epoch {epoch}"
+        assert time.time() < deadline, f"the run never reached epoch {epoch}"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return int(load_checkpoint_file(latest)["state"]["epoch"])
+
+
+def sigkill_while_held(args: list[str], run_dir: Path) -> int:
+    """Run ``python *args``, SIGKILL it while it is held at epoch HOLD_EPOCH; returns the epoch of its
+    ``latest.ckpt`` (HOLD_EPOCH: the checkpoint of the epoch before was written)."""
+    hold_dir = run_dir.parent / f"{run_dir.name}_hold"
+    proc = start_held(args, hold_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_held(proc, hold_dir)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return int(load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["state"]["epoch"])
 
 
 def assert_same_training_state(reference_ckpt: Path, resumed_ckpt: Path) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,14 +42,10 @@ UNITS = {"optimizer_steps_per_s": "steps/s", "samples_per_s": "samples/s", "data
 
 
 def _env(pusht_zarr_path: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1", PUSHT_ZARR=pusht_zarr_path, WANDB_MODE="disabled", SDL_VIDEODRIVER="dummy"
-    )
-    return env
+    return {**ENV, "PUSHT_ZARR": pusht_zarr_path}
 
 
-def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 60):
+def _script(name: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
     """``python -m benchmarks.<name> ARGS`` from the repository root."""
     return subprocess.run(
         [sys.executable, "-m", f"benchmarks.{name}", *args],
@@ -70,6 +67,7 @@ def smoke(pusht_zarr_path, tmp_path_factory):
     return proc, out_file
 
 
+@pytest.mark.needs_data
 def test_smoke_prints_one_valid_row_per_benchmark(smoke):
     proc, _ = smoke
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -108,6 +106,7 @@ def test_smoke_prints_one_valid_row_per_benchmark(smoke):
     assert by_name["env_steps.state_render"]["config"]["render_calls"] > 0
 
 
+@pytest.mark.needs_data
 def test_out_file_holds_the_same_rows(smoke):
     proc, out_file = smoke
     stdout_rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
@@ -115,6 +114,7 @@ def test_out_file_holds_the_same_rows(smoke):
     assert file_rows == stdout_rows
 
 
+@pytest.mark.needs_data
 def test_only_rejects_unknown_benchmark(pusht_zarr_path):
     proc = _script("run", "--smoke", "--only", "env_steps,no_such_bench", env=_env(pusht_zarr_path))
     assert proc.returncode != 0

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -94,9 +93,9 @@ def test_sigkill_during_save_never_corrupts_the_file(tmp_path):
     save_checkpoint_file(_payload(0.0), target)
     script = textwrap.dedent(
         f"""
-        import torch
+        import sys, torch
         from diffusion_policy.common.checkpoint_io import save_checkpoint_file
-        i = 1
+        i = int(sys.argv[1])
         while True:  # ~8 MB per save so that kills land mid-write
             save_checkpoint_file({{"cfg_yaml": "", "state": {{}},
                                    "state_dicts": {{"model": {{"w": torch.full((2_000_000,), float(i))}}}}}},
@@ -106,19 +105,24 @@ def test_sigkill_during_save_never_corrupts_the_file(tmp_path):
         """
     )
     seen_values = set()
-    for delay in (0.0, 0.07):
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE)
-        assert proc.stdout.readline(), "writer died before its first save"  # torch imported, one save done
-        time.sleep(delay)
+    # each writer counts from its own start; the kill follows the n-th completed save (read from its
+    # stdout), so it lands in the next write, and the file holds at least that save's value
+    for start, n_saves in ((1, 1), (1001, 2)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(start)], cwd=REPO_ROOT, stdout=subprocess.PIPE
+        )
+        for _ in range(n_saves):
+            assert proc.stdout.readline(), "the writer died before a save"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         loaded = load_checkpoint_file(target)  # must always be complete
         w = loaded["state_dicts"]["model"]["w"]
         assert torch.all(w == w[0])
+        assert float(w[0]) >= start + n_saves - 1, "a completed save was lost"
         seen_values.add(float(w[0]))
     remove_stale_temp_files(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["latest.ckpt"]
-    assert len(seen_values) >= 2, "the writer never got to replace the file; the test proved nothing"
+    assert len(seen_values) == 2, "each writer replaced the file"
 
 
 # ----------------------------------------------------------------------------- top-k

@@ -12,15 +12,8 @@ from diffusers import DDPMScheduler
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
 from diffusion_policy.model.diffusion.positional_embedding import SinusoidalPosEmb
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
-
-PUSHT_IMAGE_SHAPE_META = {
-    "obs": {"image": {"shape": [3, 96, 96], "type": "rgb"}, "agent_pos": {"shape": [2], "type": "low_dim"}},
-    "action": {"shape": [2]},
-}
-
-
-def n_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+from tests.policy_helpers import SHAPE_META as PUSHT_IMAGE_SHAPE_META
+from tests.policy_helpers import n_params
 
 
 def tiny_unet(**kwargs) -> ConditionalUnet1D:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from diffusion_policy.common.config_origin import ConfigSource
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.common.config_schema import CHECKED_KEYS
 from diffusion_policy.common.errors import ConfigError
-from tests.test_train_e2e import ENV, FIXTURES, REPO_ROOT
+from tests.helpers import FIXTURES, REPO_ROOT, run_clis_side_by_side
 
 CONFIG_DIR = REPO_ROOT / "config"
 LOWDIM = "train_diffusion_unet_lowdim_workspace"
@@ -61,6 +59,7 @@ BAD_RUNS = {
 }
 
 
+@pytest.mark.needs_data
 def test_bad_values_fail_in_one_line_with_exit_2_and_write_nothing(tmp_path, pusht_zarr_path):
     # a bad value in a config file (not on the command line) is traced to that file
     bad_file = tmp_path / "bad_original.yaml"
@@ -83,19 +82,15 @@ def test_bad_values_fail_in_one_line_with_exit_2_and_write_nothing(tmp_path, pus
             "--config-name=train_diffusion_transformer_lowdim_pusht_workspace",
         ),
     )
-    procs = {}
-    for name, (args, _) in cases.items():
-        run_dir = tmp_path / name.replace(" ", "_")
-        procs[name] = subprocess.Popen(
-            [sys.executable, *args, f"task.dataset.zarr_path={pusht_zarr_path}", f"hydra.run.dir={run_dir}"],
-            cwd=REPO_ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=120)
+    data, run_dirs = (
+        f"task.dataset.zarr_path={pusht_zarr_path}",
+        {n: tmp_path / n.replace(" ", "_") for n in cases},
+    )
+    results = run_clis_side_by_side(
+        {name: [*args, data, f"hydra.run.dir={run_dirs[name]}"] for name, (args, _) in cases.items()}
+    )
+    for name, proc in results.items():
+        stderr = proc.stderr
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{stderr[-2000:]}"
         lines = [ln for ln in stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {stderr[-2000:]}"
@@ -271,6 +266,7 @@ def _set(container: dict, path: tuple, value: Any) -> None:
     node[path[-1]] = value
 
 
+@pytest.mark.needs_data
 def test_fuzz_single_value_mutations(tmp_path, pusht_zarr_path, capsys):
     seed = int(os.environ.get("DP_FUZZ_SEED", "14"))
     with capsys.disabled():

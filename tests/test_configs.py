@@ -216,6 +216,7 @@ def test_command_line_flow_matching_wins_over_the_cpu_recipes_ddim():
     assert cfg.policy.model == recipe.policy.model and cfg.training == recipe.training
 
 
+@pytest.mark.needs_data
 def test_instantiate_lowdim_policy_dataset_runner(pusht_zarr_path, tmp_path):
     cfg = _compose(LOWDIM, ["debug=smoke", f"task.dataset.zarr_path={pusht_zarr_path}"])
     policy = instantiate(cfg.policy)

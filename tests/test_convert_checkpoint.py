@@ -45,18 +45,11 @@ from diffusion_policy.common.normalize_util import get_image_range_normalizer
 from diffusion_policy.model.common.lr_scheduler import get_scheduler
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.workspace.base_workspace import load_policy
+from tests.helpers import ENV, assert_ok, load_script, run_cli
+from tests.helpers import assert_one_line_error as one_line_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config"
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "WANDB_MODE": "disabled",
-    "WANDB_SILENT": "true",
-    "SDL_VIDEODRIVER": "dummy",
-    "SDL_AUDIODRIVER": "dummy",
-}
-ENV.pop("HYDRA_FULL_ERROR", None)
 
 # Every PushT policy type: (config name, tiny-size overrides). Adding a policy type is one line here.
 POLICY_CONFIGS = [
@@ -76,15 +69,6 @@ ORIGINAL_ORDER = {
 }
 
 register_resolvers()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # tiny networks on a shared 2-core CI machine: a second intra-op thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- fixtures, the original's way
@@ -269,39 +253,12 @@ def lowdim_original(tmp_path_factory) -> tuple[Path, OriginalRun]:
     return path, write_original_checkpoint(path, *LOWDIM)
 
 
-def run_cli(args: list[str], timeout: float = 240, prelude: str = "") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *args]
-    if prelude:  # run a script after some Python setup, e.g. making `import dill` fail
-        script, rest = args[0], args[1:]
-        code = (
-            f"{prelude}; import runpy, sys; sys.argv = {[script, *rest]!r}; "
-            f"runpy.run_path({script!r}, run_name='__main__')"
-        )
-        cmd = [sys.executable, "-c", code]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
 def assert_one_line_error(code: int, stderr: str, *needles: str) -> str:
-    assert code == 2, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, f"expected one 'error:' line, stderr was:\n{stderr[-3000:]}"
-    assert "Traceback" not in stderr, stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return one_line_error(subprocess.CompletedProcess([], code, "", stderr), *needles, exit_code=2)
 
 
 def _convert_main():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dp_convert_cli", REPO_ROOT / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(REPO_ROOT / "convert_checkpoint.py", "dp_convert_cli").main
 
 
 def convert_in_process(capsys, src: Path, out: Path, *extra: str) -> tuple[int, str, str]:
@@ -690,6 +647,7 @@ def test_help_and_existing_output(lowdim_original, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- fine-tune and evaluate
+@pytest.mark.needs_data
 def test_converted_checkpoint_resumes_training_and_evaluates(pusht_zarr_path, tmp_path):
     steps = 3  # debug=smoke trains 3 steps per epoch: the file is what the original saves after epoch 0
     src = tmp_path / "original.ckpt"

@@ -20,16 +20,14 @@ from diffusion_policy.model.diffusion.flow_matching import FlowMatchingScheduler
 from diffusion_policy.policy.denoising import conditional_sample, diffusion_loss
 from diffusion_policy.policy.samplers import sampler_label, use_sampler
 from diffusion_policy.workspace.base_workspace import load_policy
-from tests.resume_check import assert_same_training_state, sigkill_after_first_checkpoint
-from tests.test_train_e2e import (
-    ENV,
-    N_EPOCHS,
-    REPO_ROOT,
+from tests.helpers import (
     assert_ok,
     assert_one_line_error,
+    evaluate_in_process,
     lowdim_args,
     run_cli,
 )
+from tests.resume_check import HOLD_EPOCH, assert_same_training_state, sigkill_while_held
 
 FLOW = "policy/noise_scheduler=flow_matching"
 SOLVERS = ("euler", "midpoint", "heun")
@@ -245,6 +243,7 @@ def flow_run(tmp_path_factory, pusht_zarr_path) -> Path:
     return run_dir
 
 
+@pytest.mark.needs_data
 def test_state_flow_policy_trains_and_evaluates_at_several_step_counts(flow_run, tmp_path):
     ckpt = flow_run / "checkpoints" / "latest.ckpt"
     policy, cfg = load_policy(ckpt, "cpu")
@@ -252,18 +251,24 @@ def test_state_flow_policy_trains_and_evaluates_at_several_step_counts(flow_run,
     assert sampler_label(policy) == f"FlowMatchingScheduler-euler-{cfg.policy.num_inference_steps}"
     for args, label in (
         (["--inference-steps", "1"], "FlowMatchingScheduler-euler-1"),
-        (["--inference-steps", "2", "--n-test", "2"], "FlowMatchingScheduler-euler-2"),
+        (["--inference-steps", "2", "--n-test", "2", "--noise-seed", "0"], "FlowMatchingScheduler-euler-2"),
         (["--sampler", "heun", "--inference-steps", "2"], "FlowMatchingScheduler-heun-2"),
     ):
         out = tmp_path / label
         assert_ok(run_cli(["eval.py", "-c", str(ckpt), "-o", str(out), "-d", "cpu", *args]))
         log = json.loads((out / "eval_log.json").read_text())
         assert log["eval/sampler"] == label and 0.0 <= log["test/mean_score"] <= 1.0
+    # with seeded noise the ODE sampler is deterministic: the same evaluation again, in this process
+    again = evaluate_in_process(ckpt, tmp_path / "again", inference_steps=2, n_test=2, noise_seed=0)
+    assert again["eval/sampler"] == "FlowMatchingScheduler-euler-2"
+    seeded = json.loads((tmp_path / "FlowMatchingScheduler-euler-2" / "eval_log.json").read_text())
+    assert again["test/mean_score"] == seeded["test/mean_score"]
     proc = run_cli(["eval.py", "-c", str(ckpt), "-o", str(tmp_path / "bad"), "--sampler", "ddim"])
     assert_one_line_error(proc, "flow matching", "euler")
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.needs_data
 def test_flow_select_action_and_sampler_switching(flow_run):
     policy, cfg = load_policy(flow_run / "checkpoints" / "latest.ckpt", "cpu")
     policy.reset()
@@ -281,16 +286,18 @@ def test_flow_select_action_and_sampler_switching(flow_run):
     assert torch.equal(a, b)
 
 
+@pytest.mark.needs_data
 def test_flow_resume_after_sigkill_ends_with_identical_weights(flow_run, pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "killed"
-    killed_at = sigkill_after_first_checkpoint(flow_args(pusht_zarr_path, run_dir), run_dir, REPO_ROOT, ENV)
-    assert 1 <= killed_at < N_EPOCHS, "the kill must land before the run finished"
+    killed_at = sigkill_while_held(flow_args(pusht_zarr_path, run_dir), run_dir)
+    assert killed_at == HOLD_EPOCH, "killed while held, after the previous epoch's checkpoint"
     assert_ok(run_cli(flow_args(pusht_zarr_path, run_dir, "training.resume=True")))
     assert_same_training_state(
         flow_run / "checkpoints" / "latest.ckpt", run_dir / "checkpoints" / "latest.ckpt"
     )
 
 
+@pytest.mark.needs_data
 @pytest.mark.parametrize(
     "config, debug",
     [
@@ -316,6 +323,7 @@ def test_image_and_transformer_policies_train_with_flow_matching(config, debug, 
     assert json.loads((out / "eval_log.json").read_text())["eval/sampler"] == "FlowMatchingScheduler-euler-2"
 
 
+@pytest.mark.needs_data
 def test_flow_setting_errors_from_the_command_line_are_one_line(pusht_zarr_path, tmp_path):
     for override, needle in (
         ("+policy.noise_scheduler.variance_type=fixed_small", "variance_type"),
@@ -328,6 +336,7 @@ def test_flow_setting_errors_from_the_command_line_are_one_line(pusht_zarr_path,
         assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.needs_data
 def test_exported_flow_policy_matches_torch(flow_run, tmp_path):
     ckpt = flow_run / "checkpoints" / "latest.ckpt"
     export_dir = tmp_path / "export"
@@ -344,7 +353,7 @@ def test_exported_flow_policy_matches_torch(flow_run, tmp_path):
             use_sampler(policy, solver, steps)
             runtime.set_sampler(solver, steps)
             assert runtime.sampler_label() == sampler_label(policy)
-            expected = policy.predict_action({"obs": obs}, generator=torch.Generator().manual_seed(5))
+            expected = policy.predict_action({"obs": obs}, noise=noise)
             got = runtime.predict_action({"obs": obs.numpy()}, noise=noise.numpy())
             diff = float(np.abs(got["action_pred"] - expected["action_pred"].numpy()).max())
             assert diff <= tolerance, f"{backend} {solver}: {diff} > {tolerance}"
@@ -352,6 +361,7 @@ def test_exported_flow_policy_matches_torch(flow_run, tmp_path):
             runtime.set_sampler("ddim", 4)
 
 
+@pytest.mark.needs_data
 def test_sampler_sweep_writes_cells_plot_and_continues(flow_run, tmp_path):
     """benchmarks.sampler_sweep on a tiny flow checkpoint: one row per step count with a confidence
     interval and a latency, a plot, and a second call that finds every cell done."""

@@ -11,9 +11,9 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_policy.workspace.base_workspace import load_policy
-from tests.test_configs import HYBRID, _compose
-from tests.test_train_e2e import assert_ok, run_cli
+from tests.helpers import assert_ok, compose_config, evaluate_in_process, run_cli
 
+HYBRID = "train_diffusion_unet_hybrid_workspace"
 RECIPE = ["experiment=pusht_image_cpu"]
 # sizes only: the recipe's network, optimizer, sampler and loader settings stay as shipped
 SHRINK = [
@@ -35,7 +35,7 @@ SHRINK = [
 
 
 def test_cpu_image_recipe_is_the_paper_recipe_shrunk():
-    paper, cpu = _compose(HYBRID), _compose(HYBRID, RECIPE)
+    paper, cpu = compose_config(HYBRID), compose_config(HYBRID, RECIPE)
     assert cpu.policy._target_ == paper.policy._target_
     assert cpu.policy.obs_encoder_backbone_width == 32 and list(cpu.policy.down_dims) == [64, 128, 256]
     assert cpu.policy.noise_scheduler._target_.endswith("DDIMScheduler")
@@ -47,6 +47,7 @@ def test_cpu_image_recipe_is_the_paper_recipe_shrunk():
     assert 6e6 < n_params < 9e6, n_params  # 2.8 M encoder + 4.9 M UNet, measured with the profile script
 
 
+@pytest.mark.needs_data
 def test_cpu_image_recipe_trains_two_tiny_epochs_and_evaluates(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "run"
     args = ["train.py", f"--config-name={HYBRID}", *RECIPE, *SHRINK]
@@ -59,9 +60,11 @@ def test_cpu_image_recipe_trains_two_tiny_epochs_and_evaluates(pusht_zarr_path, 
     policy, cfg = load_policy(run_dir / "checkpoints" / "latest.ckpt", "cpu")
     assert cfg.policy.obs_encoder_backbone_width == 32 and cfg.training.mixed_precision == "bf16"
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # bf16 autocast keeps float32 weights
-    out = tmp_path / "eval"
-    assert_ok(run_cli(["eval.py", "-c", str(run_dir / "checkpoints" / "latest.ckpt"), "-o", str(out)]))
-    assert 0.0 <= json.loads((out / "eval_log.json").read_text())["test/mean_score"] <= 1.0
+    out, latest = tmp_path / "eval", run_dir / "checkpoints" / "latest.ckpt"
+    assert_ok(run_cli(["eval.py", "-c", str(latest), "-o", str(out), "-d", "cpu", "--noise-seed", "0"]))
+    score = json.loads((out / "eval_log.json").read_text())["test/mean_score"]
+    # with seeded noise an evaluation is reproducible: the same checkpoint evaluated again, in this process
+    assert score == evaluate_in_process(latest, tmp_path / "again", noise_seed=0)["test/mean_score"]
 
 
 def test_training_autocast_runs_the_forward_in_bfloat16_only_when_asked():

@@ -27,6 +27,7 @@ def _random_data(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.needs_data
 def test_pusht_action_limits(pusht_actions):
     normalizer = LinearNormalizer()
     normalizer.fit({"action": pusht_actions}, mode="limits")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.common.errors import CheckpointError
 from diffusion_policy.common.optimizer_state import group_param_names, place_by_name, with_param_names
+from tests.helpers import ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -41,15 +41,6 @@ OLD_ORDER_OVERRIDES = [
     "policy.model.down_dims=[8,16]",
     "policy.model.diffusion_step_embed_dim=8",
 ]
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "WANDB_MODE": "disabled",
-    "WANDB_SILENT": "true",
-    "SDL_VIDEODRIVER": "dummy",
-    "SDL_AUDIODRIVER": "dummy",
-}
-ENV.pop("HYDRA_FULL_ERROR", None)
 
 register_resolvers()
 
@@ -180,6 +171,7 @@ def test_checkpoints_store_parameter_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints of the old order
+@pytest.mark.needs_data
 def test_checkpoint_written_before_the_reorder_resumes_exactly(pusht_zarr_path, tmp_path):
     """The old-order fixture (epoch 1 of a 2-epoch run) resumed to the end equals an uninterrupted run."""
     old = load_checkpoint_file(OLD_ORDER_CKPT)

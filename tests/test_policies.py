@@ -6,48 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-from torch.utils.data import default_collate
 
-from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
-from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
 from diffusion_policy.policy.diffusion_unet_lowdim_policy import DiffusionUnetLowdimPolicy
 from diffusion_policy.policy.samplers import sampler_label, use_sampler
+from tests.policy_helpers import (
+    HORIZON,
+    SHAPE_META,
+    TA,
+    TO,
+    count_model_calls,
+    ddim,
+    ddpm,
+    fixed_noise_loss,
+    real_batch,
+)
 
-HORIZON, TO, TA = 16, 2, 8
-SHAPE_META = {
-    "obs": {"image": {"shape": [3, 96, 96], "type": "rgb"}, "agent_pos": {"shape": [2], "type": "low_dim"}},
-    "action": {"shape": [2]},
-}
 NORMALIZER_MSG = r"call set_normalizer\(dataset.get_normalizer\(\)\) first"
-
-
-def ddpm(prediction_type: str = "epsilon") -> DDPMScheduler:
-    # the original's PushT scheduler block
-    return DDPMScheduler(
-        num_train_timesteps=100,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="squaredcos_cap_v2",
-        variance_type="fixed_small",
-        clip_sample=True,
-        prediction_type=prediction_type,
-    )
-
-
-def ddim() -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=100,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="squaredcos_cap_v2",
-        clip_sample=True,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        prediction_type="epsilon",
-    )
 
 
 def lowdim_policy(mode: str = "global", scheduler=None, num_inference_steps: int = 4, **kwargs):
@@ -100,46 +76,8 @@ def image_policy(scheduler=None, num_inference_steps: int = 4, **overrides):
     return DiffusionUnetHybridImagePolicy(**kwargs)
 
 
-@pytest.fixture(scope="module")
-def lowdim_data(pusht_zarr_path):
-    dataset = PushTLowdimDataset(
-        pusht_zarr_path,
-        horizon=HORIZON,
-        pad_before=TO - 1,
-        pad_after=TA - 1,
-        seed=42,
-        val_ratio=0.02,
-        max_train_episodes=90,
-    )
-    return dataset, dataset.get_normalizer()
-
-
-@pytest.fixture(scope="module")
-def image_data(pusht_zarr_path):
-    dataset = PushTImageDataset(
-        pusht_zarr_path,
-        horizon=HORIZON,
-        pad_before=TO - 1,
-        pad_after=TA - 1,
-        seed=42,
-        val_ratio=0.02,
-        max_train_episodes=2,
-        n_obs_steps=TO,
-    )
-    return dataset, dataset.get_normalizer()
-
-
-def real_batch(dataset, indices) -> dict:
-    return default_collate([dataset[int(i)] for i in indices])
-
-
-def count_model_calls(policy) -> list[int]:
-    calls = []
-    policy.model.register_forward_hook(lambda *_: calls.append(1))
-    return calls
-
-
 # ---------------- predict_action on real batches ----------------
+@pytest.mark.needs_data
 @pytest.mark.parametrize("mode", ["global", "local", "inpaint"])
 def test_lowdim_predict_action_shapes(lowdim_data, mode):
     dataset, normalizer = lowdim_data
@@ -159,6 +97,7 @@ def test_lowdim_predict_action_shapes(lowdim_data, mode):
         torch.testing.assert_close(result["obs_pred"][:, :TO], batch["obs"][:, :TO], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.needs_data
 def test_image_predict_action_shapes_and_generator(image_data):
     dataset, normalizer = image_data
     torch.manual_seed(0)
@@ -177,16 +116,7 @@ def test_image_predict_action_shapes_and_generator(image_data):
 
 
 # ---------------- training signal ----------------
-def fixed_noise_loss(policy, batches) -> float:
-    # same noise/timesteps/crops before and after training, so the comparison is not luck
-    with torch.no_grad():
-        losses = []
-        for i, batch in enumerate(batches):
-            torch.manual_seed(1000 + i)
-            losses.append(policy.compute_loss(batch).item())
-    return float(np.mean(losses))
-
-
+@pytest.mark.needs_data
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_lowdim_loss_goes_down_on_real_batches(lowdim_data, prediction_type):
     dataset, normalizer = lowdim_data
@@ -206,6 +136,7 @@ def test_lowdim_loss_goes_down_on_real_batches(lowdim_data, prediction_type):
     assert after < 0.6 * before, (before, after)
 
 
+@pytest.mark.needs_data
 def test_image_loss_goes_down_on_real_batches(image_data):
     dataset, normalizer = image_data
     torch.manual_seed(0)
@@ -231,6 +162,7 @@ def test_image_loss_goes_down_on_real_batches(image_data):
 
 
 # ---------------- scheduler swap ----------------
+@pytest.mark.needs_data
 def test_ddpm_and_ddim_swap_by_passing_a_scheduler(lowdim_data):
     dataset, normalizer = lowdim_data
     torch.manual_seed(0)
@@ -261,6 +193,7 @@ def test_ddpm_and_ddim_swap_by_passing_a_scheduler(lowdim_data):
     assert not torch.allclose(results["ddpm-10"], results["ddim-8"])
 
 
+@pytest.mark.needs_data
 def test_use_sampler_swaps_a_built_policy_in_place(lowdim_data):
     dataset, normalizer = lowdim_data
     torch.manual_seed(0)
@@ -293,6 +226,7 @@ def test_use_sampler_swaps_a_built_policy_in_place(lowdim_data):
 
 
 # ---------------- online interface ----------------
+@pytest.mark.needs_data
 def test_lowdim_select_action_loop_replans_every_n_action_steps(lowdim_data):
     dataset, normalizer = lowdim_data
     torch.manual_seed(0)
@@ -327,6 +261,7 @@ def test_lowdim_select_action_loop_replans_every_n_action_steps(lowdim_data):
         policy.select_action(np.stack([episode_obs[1]] * 2))
 
 
+@pytest.mark.needs_data
 def test_image_select_action_with_env_shaped_observations(image_data):
     dataset, normalizer = image_data
     torch.manual_seed(0)
@@ -347,6 +282,7 @@ def test_image_select_action_with_env_shaped_observations(image_data):
         policy.select_action({"image": frame})
 
 
+@pytest.mark.needs_data
 def test_image_state_dict_round_trip(image_data):
     dataset, normalizer = image_data
     torch.manual_seed(0)
@@ -434,6 +370,7 @@ def test_lowdim_policy_construction_errors(model_kwargs, overrides, match):
         build_lowdim(model_kwargs, **overrides)
 
 
+@pytest.mark.needs_data
 def test_predict_and_loss_before_set_normalizer_raise(lowdim_data, image_data):
     lowdim = lowdim_policy("global")
     batch = real_batch(lowdim_data[0], [0, 1])

@@ -25,6 +25,7 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.needs_data
 def test_smoke_profile_rows(prof, pusht_zarr_path, tmp_path):
     out = tmp_path / "profile.jsonl"
     assert prof.main(["--smoke", "--threads", "1", "--zarr", pusht_zarr_path, "--out", str(out)]) == 0
@@ -54,6 +55,7 @@ def test_smoke_profile_rows(prof, pusht_zarr_path, tmp_path):
     assert rows["profile.optimizer_steps_per_s"]["unit"] == "steps/s"
 
 
+@pytest.mark.needs_data
 def test_smoke_ab_rows(prof, pusht_zarr_path, tmp_path):
     out = tmp_path / "ab.jsonl"
     argv = ["--smoke", "--threads", "1", "--zarr", pusht_zarr_path, "--out", str(out), "--repeats", "2"]

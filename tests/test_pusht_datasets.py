@@ -10,6 +10,8 @@ import zarr
 from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
 from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 
+pytestmark = pytest.mark.needs_data
+
 HORIZON, PAD_BEFORE, PAD_AFTER = 16, 1, 7
 SPLIT = {"seed": 42, "val_ratio": 0.02, "max_train_episodes": 90}
 VAL_EPISODES = [18, 90, 134, 157]

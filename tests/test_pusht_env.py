@@ -71,6 +71,7 @@ def replay(demos):
     return {"state": sim_state, "kp": obs_kp, "n_contacts": n_contacts, "max_reward": max_reward}
 
 
+@pytest.mark.needs_data
 def test_replay_reproduces_every_recorded_state(demos, replay):
     ref, sim = demos["state"], replay["state"]
     starts = demos["starts"]
@@ -89,6 +90,7 @@ def test_replay_reproduces_every_recorded_state(demos, replay):
     assert agree > 0.95
 
 
+@pytest.mark.needs_data
 def test_keypoints_follow_formula_and_recorded_keypoints(demos, replay):
     sim = replay["state"]
     c, s = np.cos(sim[:, 4]), np.sin(sim[:, 4])
@@ -102,6 +104,7 @@ def test_keypoints_follow_formula_and_recorded_keypoints(demos, replay):
     assert np.median(dev) < 1e-3
 
 
+@pytest.mark.needs_data
 def test_mean_max_reward_of_demonstrations(replay):
     mean = replay["max_reward"].mean()
     print(f"mean per-episode max reward {mean:.4f}")
@@ -109,6 +112,7 @@ def test_mean_max_reward_of_demonstrations(replay):
     assert replay["max_reward"].min() > 0.9
 
 
+@pytest.mark.needs_data
 def test_observation_image_matches_recorded_images(demos):
     env = PushTImageEnv(legacy=True)
     n_frames = n_same = 0

@@ -147,6 +147,7 @@ def test_zarr_to_zarr_copy_and_append_on_disk(tmp_path):
     assert fresh.n_episodes == 0 and (tmp_path / "new.zarr" / ".zgroup").exists()
 
 
+@pytest.mark.needs_data
 def test_reads_original_pusht_layout(pusht_zarr_path):
     rb = ReplayBuffer.create_from_path(pusht_zarr_path)
     assert rb.backend == "zarr"

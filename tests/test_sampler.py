@@ -134,6 +134,7 @@ def test_val_mask_and_downsample():
         split_episodes(10, 1.0, None, 0)
 
 
+@pytest.mark.needs_data
 def test_pusht_split_numbers(pusht_zarr_path):
     episode_ends = zarr.open_group(pusht_zarr_path, mode="r")["meta/episode_ends"][:]
     train_mask, val_mask = split_episodes(len(episode_ends), 0.02, 90, seed=42)

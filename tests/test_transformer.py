@@ -3,42 +3,34 @@ attention masks, the optimizer groups, and the policies on real PushT batches (t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
-from torch.utils.data import default_collate
 
-from diffusion_policy.common.config_resolvers import register_resolvers
-from diffusion_policy.dataset.pusht_dataset import PushTLowdimDataset
-from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.model.diffusion.transformer_for_diffusion import TransformerForDiffusion
 from diffusion_policy.policy.diffusion_transformer_hybrid_image_policy import (
     DiffusionTransformerHybridImagePolicy,
 )
 from diffusion_policy.policy.diffusion_transformer_lowdim_policy import DiffusionTransformerLowdimPolicy
 from diffusion_policy.policy.samplers import sampler_label, use_sampler
-from tests.test_policies import SHAPE_META, ddim, ddpm, fixed_noise_loss
+from tests.helpers import compose_config
+from tests.policy_helpers import (
+    HORIZON,
+    SHAPE_META,
+    TA,
+    TO,
+    ddim,
+    ddpm,
+    fixed_noise_loss,
+    n_params,
+    pusht_data,
+    real_batch,
+)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 STATE = "train_diffusion_transformer_lowdim_pusht_workspace"
 IMAGE = "train_diffusion_transformer_hybrid_workspace"
-HORIZON, TO, TA = 16, 2, 8
-
-register_resolvers()
-
-
-def _compose(name: str, overrides: list[str] = ()):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name=name, overrides=list(overrides))
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def tiny_model(**overrides) -> TransformerForDiffusion:
@@ -101,36 +93,15 @@ def image_policy(num_inference_steps: int = 2, **overrides):
 
 
 @pytest.fixture(scope="module")
-def lowdim_data(pusht_zarr_path):
-    dataset = PushTLowdimDataset(
-        pusht_zarr_path, horizon=HORIZON, pad_before=TO - 1, pad_after=TA - 1, seed=42, max_train_episodes=90
-    )
-    return dataset, dataset.get_normalizer()
-
-
-@pytest.fixture(scope="module")
-def image_data(pusht_zarr_path):
-    dataset = PushTImageDataset(
-        pusht_zarr_path,
-        horizon=10,
-        pad_before=TO - 1,
-        pad_after=TA - 1,
-        seed=42,
-        max_train_episodes=2,
-        n_obs_steps=TO,
-    )
-    return dataset, dataset.get_normalizer()
-
-
-def real_batch(dataset, indices) -> dict:
-    return default_collate([dataset[int(i)] for i in indices])
+def image_data_h10(pusht_zarr_path):
+    return pusht_data(pusht_zarr_path, image=True, horizon=10)
 
 
 # ---------------------------------------------------------------- paper configs: exact sizes
 def test_parameter_counts_at_the_paper_configs():
     with torch.device("meta"):
-        state = instantiate(_compose(STATE).policy)
-        image = instantiate(_compose(IMAGE).policy)
+        state = instantiate(compose_config(STATE).policy)
+        image = instantiate(compose_config(IMAGE).policy)
     assert n_params(state.model) == 8_965_122
     assert n_params(image) == 20_172_450
     assert n_params(image.model) == 8_975_362
@@ -280,6 +251,7 @@ def test_policy_optimizers_have_the_original_groups():
 
 
 # ---------------------------------------------------------------- policies on real data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("obs_as_cond", [True, False], ids=["cond", "inpaint"])
 def test_lowdim_predict_action_shapes(lowdim_data, obs_as_cond):
     dataset, normalizer = lowdim_data
@@ -297,6 +269,7 @@ def test_lowdim_predict_action_shapes(lowdim_data, obs_as_cond):
         torch.testing.assert_close(result["obs_pred"][:, :TO], batch["obs"][:, :TO], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.needs_data
 def test_lowdim_pred_action_steps_only(lowdim_data):
     dataset, normalizer = lowdim_data
     model = tiny_model(horizon=TA)
@@ -322,6 +295,7 @@ def test_lowdim_pred_action_steps_only(lowdim_data):
         )
 
 
+@pytest.mark.needs_data
 def test_lowdim_loss_goes_down_and_ddim_swap(lowdim_data):
     dataset, normalizer = lowdim_data
     torch.manual_seed(0)
@@ -350,6 +324,7 @@ def test_lowdim_loss_goes_down_and_ddim_swap(lowdim_data):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.needs_data
 def test_lowdim_select_action_replans_every_n_action_steps(lowdim_data):
     dataset, normalizer = lowdim_data
     torch.manual_seed(0)
@@ -365,8 +340,9 @@ def test_lowdim_select_action_replans_every_n_action_steps(lowdim_data):
     assert policy.select_action({"obs": np.stack([episode_obs[0]] * 3)}).shape == (3, 2)
 
 
-def test_image_policy_predicts_trains_and_steps_online(image_data):
-    dataset, normalizer = image_data
+@pytest.mark.needs_data
+def test_image_policy_predicts_trains_and_steps_online(image_data_h10):
+    dataset, normalizer = image_data_h10
     torch.manual_seed(0)
     policy = image_policy()
     policy.set_normalizer(normalizer)

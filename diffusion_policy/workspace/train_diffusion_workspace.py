@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from diffusion_policy.common import distributed, shutdown
+from diffusion_policy.common import distributed, hold_point, shutdown
 from diffusion_policy.common.checkpoint_util import TopKCheckpointManager
 from diffusion_policy.common.config_check import validate_config
 from diffusion_policy.common.config_origin import ConfigSource
@@ -286,6 +286,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
             self.set_rng_state(resumed_rng)
         try:
             while self.epoch < t.num_epochs:
+                hold_point.hold_if_asked(self.epoch)  # tests only: stop a run at a known epoch
                 shutdown.raise_if_requested(self.stop_sync)
                 epoch_start = time.perf_counter()
                 is_last_epoch = self.epoch == t.num_epochs - 1
