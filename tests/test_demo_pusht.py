@@ -20,7 +20,7 @@ from diffusion_policy.common.replay_buffer import ReplayBuffer
 from diffusion_policy.env.pusht.demo_collector import DemoCollector, PygameInput
 from diffusion_policy.env.pusht.pusht_env import PushTEnv
 from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
-from tests.test_train_e2e import ENV, assert_ok, run_cli
+from tests.helpers import ENV, assert_ok, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -67,6 +67,7 @@ def assert_one_line_exit_2(proc: subprocess.CompletedProcess, out: Path, *needle
     assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary output left behind"
 
 
+@pytest.mark.needs_data
 def test_robomimic_round_trip(robomimic_file, episodes, tmp_path):
     out = tmp_path / "rm.zarr"
     proc = run_import("--format", "robomimic", str(robomimic_file), "-o", str(out))
@@ -90,6 +91,7 @@ def test_robomimic_round_trip(robomimic_file, episodes, tmp_path):
     assert again.returncode == 0 and block in again.stdout
 
 
+@pytest.mark.needs_data
 def test_lerobot_v3_round_trip(lerobot_v3, episodes, tmp_path):
     out = tmp_path / "lr.zarr"
     proc = run_import("--format", "lerobot", str(lerobot_v3), "-o", str(out))
@@ -114,6 +116,7 @@ def test_lerobot_v3_round_trip(lerobot_v3, episodes, tmp_path):
     assert "meta" in root and "val_mask" not in root["meta"]  # info.json has only a train split
 
 
+@pytest.mark.needs_data
 def test_lerobot_v21_reads_per_episode_files(episodes, tmp_path):
     root = tmp_path / "pusht_v21"
     ff.write_lerobot_v21(root, episodes[:2])
@@ -124,6 +127,7 @@ def test_lerobot_v21_reads_per_episode_files(episodes, tmp_path):
     assert err.mean() < CODEC_MEAN_ABS
 
 
+@pytest.mark.needs_data
 def test_lerobot_png_image_feature(episodes, tmp_path):
     """An ``image`` feature (PNG bytes in the table, LeRobot's images without video) imports exactly."""
     import io
@@ -154,6 +158,7 @@ def test_lerobot_png_image_feature(episodes, tmp_path):
     np.testing.assert_array_equal(buffer["top"][:], episodes[0]["image"])
 
 
+@pytest.mark.needs_data
 def test_existing_output_needs_overwrite(robomimic_file, tmp_path):
     out = tmp_path / "exists.zarr"
     out.mkdir()
@@ -167,6 +172,7 @@ def test_existing_output_needs_overwrite(robomimic_file, tmp_path):
 
 
 # ---------------------------------------------------------------- malformed and partial sources
+@pytest.mark.needs_data
 def test_robomimic_missing_obs_key(robomimic_file, tmp_path):
     bad = tmp_path / "missing_key.hdf5"
     bad.write_bytes(robomimic_file.read_bytes())
@@ -177,6 +183,7 @@ def test_robomimic_missing_obs_key(robomimic_file, tmp_path):
     assert_one_line_exit_2(proc, out, "data/demo_2/obs/agent_pos is missing")
 
 
+@pytest.mark.needs_data
 def test_robomimic_truncated_file(robomimic_file, tmp_path):
     bad = tmp_path / "truncated.hdf5"
     data = robomimic_file.read_bytes()
@@ -194,6 +201,7 @@ def test_robomimic_not_hdf5(tmp_path):
     assert_one_line_exit_2(proc, out, "not a readable HDF5 file")
 
 
+@pytest.mark.needs_data
 def test_lerobot_video_shorter_than_table(episodes, tmp_path):
     root = tmp_path / "short_video"
     frames = [ep["image"] for ep in episodes[:2]]
@@ -204,6 +212,7 @@ def test_lerobot_video_shorter_than_table(episodes, tmp_path):
     assert_one_line_exit_2(proc, out, "shorter than its table", "episode 1")
 
 
+@pytest.mark.needs_data
 def test_lerobot_missing_feature_and_column(lerobot_v3, episodes, tmp_path):
     out = tmp_path / "o.zarr"
     proc = run_import(

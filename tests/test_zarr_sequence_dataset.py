@@ -20,7 +20,7 @@ from diffusion_policy.dataset.importers.writer import write_episodes
 from diffusion_policy.dataset.pusht_image_dataset import PushTImageDataset
 from diffusion_policy.dataset.zarr_sequence_dataset import ZarrSequenceDataset
 from tests import format_fixtures as ff
-from tests.test_train_e2e import assert_ok, assert_one_line_error, run_cli
+from tests.helpers import assert_ok, assert_one_line_error, run_cli
 
 N_EPISODES = 6
 SHAPE_META = {
@@ -61,6 +61,7 @@ def assert_same_sample(a: dict, b: dict) -> None:
     torch.testing.assert_close(a["action"], b["action"], rtol=0, atol=0)
 
 
+@pytest.mark.needs_data
 @pytest.mark.parametrize("use_file_split", [True, False])
 def test_same_split_as_pusht(pusht_subset, imported, use_file_split):
     """The file's split (mask/valid) and a split drawn with the same seed both give PushT's episodes."""
@@ -78,6 +79,7 @@ def test_same_split_as_pusht(pusht_subset, imported, use_file_split):
     assert reference.val_mask.sum() > 0 and reference.train_mask.sum() == 4
 
 
+@pytest.mark.needs_data
 def test_same_windows_normalizer_and_batches_as_pusht(pusht_subset, imported):
     reference = PushTImageDataset(str(pusht_subset), val_ratio=0.2, max_train_episodes=4, **WINDOW)
     generic = ZarrSequenceDataset(str(imported), SHAPE_META, val_ratio=0.2, max_train_episodes=4, **WINDOW)
@@ -147,6 +149,7 @@ def test_any_number_of_rgb_and_low_dim_keys(tmp_path):
     assert set(normalizer.params_dict) == {"front", "wrist", "joints", "keypoint", "action"}
 
 
+@pytest.mark.needs_data
 def test_shape_meta_that_does_not_fit_the_file(imported):
     missing = {**SHAPE_META, "obs": {**SHAPE_META["obs"], "wrist": {"shape": [3, 96, 96], "type": "rgb"}}}
     with pytest.raises(ValueError, match=r"data/wrist is missing \(shape_meta names it\)"):
@@ -169,6 +172,7 @@ def no_sim_args(zarr: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.needs_data
 def test_task_without_simulator_trains_validates_and_keeps_topk(imported, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(no_sim_args(imported, run_dir, "training.num_epochs=3", "checkpoint.topk.k=2"))
@@ -190,6 +194,7 @@ def test_task_without_simulator_trains_validates_and_keeps_topk(imported, tmp_pa
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.needs_data
 def test_task_without_simulator_refuses_test_metrics_and_rollout_settings(imported, tmp_path):
     proc = run_cli(no_sim_args(imported, tmp_path / "a", "checkpoint.topk.monitor_key=test_mean_score"))
     assert_one_line_error(proc, "checkpoint.topk.monitor_key=test_mean_score", "task.env_runner is null")

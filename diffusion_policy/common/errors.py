@@ -12,6 +12,11 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first line of ``error``'s text, whitespace folded (library messages can run for lines)."""
+    return one_line(str(error).split("\n")[0])
+
+
 class ConfigError(ValueError):
     """A config value (or the dataset it points to) does not fit what the code needs."""
 

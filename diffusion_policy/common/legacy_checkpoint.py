@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_policy.common.errors import CheckpointError, ConfigError
+from diffusion_policy.common.errors import CheckpointError, ConfigError, one_line
 
 # ----------------------------------------------------------------------------- the restricted unpickler
 #
@@ -180,7 +180,7 @@ def _refused_message(path: Path, qualname: str, where: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    text = one_line(e)
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 

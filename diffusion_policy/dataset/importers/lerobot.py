@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_policy.common.errors import first_line
 from diffusion_policy.dataset.importers.writer import ACTION_KEY, Source, SourceError, zarr_key
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -102,7 +103,7 @@ def open_lerobot(
         try:
             schema = pq.read_schema(root / path)
         except Exception as e:  # pyarrow raises several types for a broken file
-            raise SourceError(f"{root / path}: not a readable parquet file ({_first_line(e)})") from None
+            raise SourceError(f"{root / path}: not a readable parquet file ({first_line(e)})") from None
         for name in [*columns, "episode_index"]:
             if name not in schema.names:
                 raise SourceError(f"{root / path}: column '{name}' is missing")
@@ -143,7 +144,7 @@ def _episode_index(root: Path, info: dict, version: str, videos: list[str]) -> l
             except SourceError:
                 raise
             except Exception as e:
-                raise SourceError(f"{f}: not a readable parquet file ({_first_line(e)})") from None
+                raise SourceError(f"{f}: not a readable parquet file ({first_line(e)})") from None
         for row in sorted(rows, key=lambda r: r["episode_index"]):
             ep = {
                 "episode_index": int(row["episode_index"]),
@@ -229,7 +230,7 @@ def _stream(root, episodes, keys, columns, videos, features, fps) -> Iterator[di
                 try:
                     table = pq.read_table(root / table_path, columns=wanted)
                 except Exception as e:
-                    raise SourceError(f"{root / table_path}: cannot read ({_first_line(e)})") from None
+                    raise SourceError(f"{root / table_path}: cannot read ({first_line(e)})") from None
             rows = np.nonzero(table.column("episode_index").to_numpy() == index)[0]
             if len(rows) != length:
                 raise SourceError(
@@ -328,7 +329,7 @@ class VideoDecoder:
         try:
             self.container = av.open(str(self.path))
         except av.FFmpegError as e:
-            raise SourceError(f"{self.path}: cannot open the video ({_first_line(e)})") from None
+            raise SourceError(f"{self.path}: cannot open the video ({first_line(e)})") from None
         if not self.container.streams.video:
             raise SourceError(f"{self.path}: has no video stream")
         stream = self.container.streams.video[0]
@@ -345,7 +346,7 @@ class VideoDecoder:
         except StopIteration:
             return None
         except av.FFmpegError as e:
-            raise SourceError(f"{self.path}: cannot decode ({_first_line(e)})") from None
+            raise SourceError(f"{self.path}: cannot decode ({first_line(e)})") from None
         if frame.pts is None:
             raise SourceError(f"{self.path}: a frame has no timestamp")
         return float(frame.pts * self.time_base), frame
@@ -385,7 +386,3 @@ class VideoDecoder:
         self.frames = None
         self.pending = None
         self.last = None
-
-
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split("\n")[0].split())

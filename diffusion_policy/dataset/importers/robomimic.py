@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_policy.common.errors import first_line
 from diffusion_policy.dataset.importers.writer import ACTION_KEY, Source, SourceError
 
 DEMO_NAME = re.compile(r"^demo_(\d+)$")
@@ -41,7 +42,7 @@ def open_robomimic(
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise SourceError(f"{path}: not a readable HDF5 file ({_first_line(e)})") from None
+        raise SourceError(f"{path}: not a readable HDF5 file ({first_line(e)})") from None
     try:
         demos, keys, val_mask = _check(f, path, obs_keys, action_key)
     except BaseException:
@@ -109,7 +110,7 @@ def _episodes(f, path: Path, demos, keys, action_key) -> Iterator[dict[str, np.n
                 try:
                     episode[key] = ds[()]
                 except (OSError, ValueError) as e:
-                    raise SourceError(f"{path}: cannot read {ds.name} ({_first_line(e)})") from None
+                    raise SourceError(f"{path}: cannot read {ds.name} ({first_line(e)})") from None
             yield episode
     finally:
         f.close()
@@ -117,7 +118,3 @@ def _episodes(f, path: Path, demos, keys, action_key) -> Iterator[dict[str, np.n
 
 def _members(group, name: str) -> list[str]:
     return sorted(group[name].keys()) if name in group else []
-
-
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split("\n")[0].split())
