@@ -8,8 +8,10 @@ import torch.utils.data
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 
 
-class BaseLowdimDataset(torch.utils.data.Dataset):
-    def get_validation_dataset(self) -> BaseLowdimDataset:
+class BaseSequenceDataset(torch.utils.data.Dataset):
+    """What the training loop asks of every dataset: windows, the validation split, the normalizer."""
+
+    def get_validation_dataset(self) -> BaseSequenceDataset:
         raise NotImplementedError
 
     def get_normalizer(self, **kwargs) -> LinearNormalizer:
@@ -21,24 +23,14 @@ class BaseLowdimDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 0
 
+
+class BaseLowdimDataset(BaseSequenceDataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         """-> {"obs": (T, Do), "action": (T, Da)}"""
         raise NotImplementedError
 
 
-class BaseImageDataset(torch.utils.data.Dataset):
-    def get_validation_dataset(self) -> BaseImageDataset:
-        raise NotImplementedError
-
-    def get_normalizer(self, **kwargs) -> LinearNormalizer:
-        raise NotImplementedError
-
-    def get_all_actions(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return 0
-
+class BaseImageDataset(BaseSequenceDataset):
     def __getitem__(self, idx: int) -> dict:
         """-> {"obs": {key: (T, *shape)}, "action": (T, Da)}"""
         raise NotImplementedError
