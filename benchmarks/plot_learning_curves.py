@@ -19,7 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from aggregate_metrics import (  # noqa: E402  (sibling script: the script's folder is on sys.path)
+
+from diffusion_policy.common.aggregate_metrics import (  # noqa: E402
     SCORE_KEY,
     SUCCESS_KEY,
     eval_rows,
