@@ -32,12 +32,14 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
-KillWait=30
+KillWait=5
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 export SLURM_CONF="$dir/slurm.conf"
-pgrep -x munged >/dev/null || munged --force
-pgrep -x slurmctld >/dev/null || slurmctld -i
-pgrep -x slurmd >/dev/null || slurmd -N localhost
+pgrep -x munged >/dev/null || munged --force >&2
+pgrep -x slurmctld >/dev/null || slurmctld -i >&2
+pgrep -x slurmd >/dev/null || slurmd -N localhost >&2
+# already running (a second call): pick up this configuration
+scontrol reconfigure >/dev/null 2>&1 || true
 echo "export SLURM_CONF=$SLURM_CONF"
