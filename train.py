@@ -31,7 +31,7 @@ from diffusion_policy.common.errors import (
     SweepJobFailed,
     WorkerDiedError,
 )
-from diffusion_policy.common.sweep_metrics import TABLE_MD, is_multirun, wandb_names
+from diffusion_policy.common.sweep_metrics import TABLE_MD, is_multirun, wandb_names, write_table
 
 register_resolvers()
 # config/hydra/launcher/{ray,submitit_*}.yaml carry the plugins' option names so that
@@ -119,7 +119,10 @@ def cli() -> None:
     try:
         main()
     except SweepJobFailed as failed:
-        # raised by the sweeper once every job of the sweep has ended; the table names all failed jobs
+        # raised by the sweeper once every job of the sweep has ended (Hydra then skips on_multirun_end, so
+        # the table is finalised here); the table names all failed jobs
+        if failed.table and Path(failed.table).parent.is_dir():
+            write_table(Path(failed.table).parent, final=True)
         print(f"error: a sweep job failed: {failed} (every job's outcome: {failed.table})", file=sys.stderr)
         sys.exit(failed.exit_code)
     except ConfigRejected as rejected:

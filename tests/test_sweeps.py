@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from diffusion_policy.common import aggregate_metrics as am
 from diffusion_policy.common.checkpoint_io import load_checkpoint_file
@@ -149,7 +150,8 @@ def test_watch_command_help_and_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("launcher", ["ray", "submitit_slurm", "submitit_local"])
 @pytest.mark.parametrize(
-    "root", ["train_diffusion_unet_lowdim_workspace", "train_diffusion_unet_hybrid_workspace"]
+    "root",
+    sorted(p.stem for p in CONFIG_DIR.glob("train_*.yaml")),  # every root config
 )
 def test_launcher_choices_compose_from_root_configs(launcher, root):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -171,6 +173,14 @@ def test_launcher_choices_compose_from_root_configs(launcher, root):
 
 
 # ----------------------------------------------------------------------------- Ray
+def _stop_with_parent() -> None:
+    """In the child: receive SIGTERM when pytest dies (Linux), so a killed test run leaves no cluster."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real Ray cluster (``ray start --head``) on 127.0.0.1, stopped at the end even if a test failed."""
@@ -189,6 +199,7 @@ def ray_cluster(tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the teardown ends every process it started
+        preexec_fn=_stop_with_parent,
     )
     seen = []
     try:
@@ -222,8 +233,13 @@ def test_ray_sweep_on_an_existing_cluster(ray_cluster, pusht_zarr_path, tmp_path
     proc = run_cli([*args, f"hydra.launcher.ray.init.address={ray_cluster}"], env=RAY_ENV, timeout=600)
     assert_ok(proc)
     assert f"Connecting to existing Ray cluster at address: {ray_cluster}" in proc.stdout + proc.stderr
-    for job in ("0", "1"):
-        assert load_checkpoint_file(sweep_dir / job / "checkpoints" / "latest.ckpt")["state"]["epoch"] == 2
+    for job, seed in (("0", 1), ("1", 2)):
+        ckpt = load_checkpoint_file(sweep_dir / job / "checkpoints" / "latest.ckpt")
+        assert ckpt["state"]["epoch"] == 2
+        # one W&B group named after the sweep; each run named by its job and overrides
+        logging = OmegaConf.create(ckpt["cfg_yaml"]).logging
+        assert logging.group == f"{sweep_dir.parent.name}_{sweep_dir.name}"
+        assert logging.name.startswith(f"{job}: ") and f"training.seed={seed}" in logging.name
     table = assert_table_is_the_library_on_the_logs(sweep_dir, ["0", "1"])
     assert table["groups"][0]["aggregate"]["seeds"] == 2 and not table["failed"]
 
@@ -249,7 +265,7 @@ def test_a_failed_job_neither_stops_the_sweep_nor_hides(launcher, request, pusht
         ckpt = load_checkpoint_file(sweep_dir / job / "checkpoints" / "latest.ckpt")
         assert ckpt["state"]["epoch"] == epochs
     table = table_of(sweep_dir)
-    assert [g["counts"]["completed"] for g in table["groups"][:2]] == [1, 1]
+    assert table["final"] and [g["counts"]["completed"] for g in table["groups"][:2]] == [1, 1]
     (failed,) = table["failed"]
     assert failed["job"] == "2" and failed["status"] == "failed"
     assert "training.num_epochs=-1 is not allowed" in failed["reason"]
@@ -265,6 +281,16 @@ SLURM_HELP = (
 
 def _slurm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120, check=check)
+
+
+def _slurm_job_state(job_id: str) -> str:
+    """``JobState`` of a SLURM job from ``scontrol show job``; "" when SLURM does not know it (any more)."""
+    try:
+        out = _slurm("scontrol", "show", "job", "-o", job_id, check=False).stdout
+    except subprocess.TimeoutExpired:  # a busy controller: ask again
+        return ""
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("JobState", "")
 
 
 @pytest.fixture(scope="session")
@@ -289,12 +315,11 @@ def slurm_cluster() -> None:
         pytest.fail(SLURM_HELP.format(why=" ".join(probe.stderr.split())[:200]))
 
 
-def _wait_for(predicate, what: str, proc: subprocess.Popen):
+def _wait_for(predicate, what: str, proc: subprocess.Popen, logs: Path):
     while not predicate():
         if proc.poll() is not None:
-            out, err = proc.communicate()
             pytest.fail(
-                f"the sweep ended (exit {proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-2000:]}"
+                f"the sweep ended (exit {proc.returncode}) before {what}:\n{logs.read_text()[-3000:]}"
             )
         time.sleep(0.05)
 
@@ -306,14 +331,9 @@ def test_slurm_sweep_with_a_requeued_job_ends_with_the_same_weights(slurm_cluste
     args = smoke_sweep(
         pusht_zarr_path, sweep_dir, "training.seed=1,2", *common, "hydra/launcher=submitit_slurm"
     )
-    sweep = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=REPO_ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweep_log = tmp_path / "sweep.log"  # a file, not a pipe: nothing blocks the sweep while we wait
+    with open(sweep_log, "w") as log:
+        sweep = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=ENV, stdout=log, stderr=log)
     # the uninterrupted reference: the same job as a plain run
     reference_dir = tmp_path / "reference"
     reference = subprocess.Popen(
@@ -329,35 +349,33 @@ def test_slurm_sweep_with_a_requeued_job_ends_with_the_same_weights(slurm_cluste
         cwd=REPO_ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=open(tmp_path / "reference.log", "w"),  # noqa: SIM115  (closed with the process)
     )
     try:
         # handshake: job 0 has written its first checkpoint, so it is training
         latest = sweep_dir / "0" / "checkpoints" / "latest.ckpt"
-        _wait_for(latest.exists, "job 0 wrote a checkpoint", sweep)
+        _wait_for(latest.exists, "job 0 wrote a checkpoint", sweep, sweep_log)
         (job_folder,) = [p for p in (sweep_dir / ".submitit").glob("*_0") if p.is_dir()]
         slurm_id = job_folder.name
         _slurm("scontrol", "requeue", slurm_id)
-
-        def pending() -> bool:
-            return _slurm("squeue", "-h", "-j", slurm_id, "-o", "%T").stdout.strip() == "PENDING"
-
-        _wait_for(pending, f"SLURM put job {slurm_id} back in the queue", sweep)
-        # SLURM holds a requeued job back for a while (BeginTime); let it start again now
+        # SLURM stops the job, puts it back in the queue and holds it there for a while (BeginTime): once it
+        # is pending, let it start again now
+        _wait_for(
+            lambda: _slurm_job_state(slurm_id) == "PENDING", f"job {slurm_id} was requeued", sweep, sweep_log
+        )
         _slurm("scontrol", "update", f"JobId={slurm_id}", "StartTime=now")
-        out, err = sweep.communicate(timeout=600)
+        sweep.wait(timeout=600)
     finally:
         if sweep.poll() is None:
             sweep.kill()
             sweep.wait()
             subprocess.run(["scancel", "--name", "train"], check=False)
-    assert sweep.returncode == 0, f"exit {sweep.returncode}\n{out[-2000:]}\n{err[-3000:]}"
-    _, ref_err = reference.communicate(timeout=600)
-    assert reference.returncode == 0, ref_err[-3000:]
+    assert sweep.returncode == 0, f"exit {sweep.returncode}\n{sweep_log.read_text()[-3000:]}"
+    reference.wait(timeout=600)
+    assert reference.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     job_logs = "".join(p.read_text() for p in job_folder.glob("*_log.*"))
-    assert "DUE TO JOB REQUEUE" in job_logs and "interrupted: SIGTERM received" in job_logs
+    assert "DUE TO JOB REQUEUE" in job_logs
     resumed = [ln for ln in job_logs.splitlines() if ln.startswith("Resuming from")]
     assert len(resumed) == 1, job_logs[-3000:]
     resumed_at = int(resumed[0].split(" at epoch ")[1].split()[0])
