@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.aggregate_metrics import (  # noqa: E402
+from diffusion_policy.common.aggregate_metrics import (  # noqa: E402
     SCORE_KEY,
     SUCCESS_KEY,
     eval_rows,

@@ -6,6 +6,9 @@ ${task.obs_dim}*${n_obs_steps} if ${obs_as_global_cond} else None}"``), so ``saf
 language: numbers, None/True/False, arithmetic, comparisons, and/or/not, conditional expressions and
 parentheses. It is registered as ``eval`` (the original's unresolved configs keep working) and as ``calc``
 (the name our own configs use).
+
+``gpus_for_device`` gives the number of GPUs a job on ``training.device`` needs (1 for ``cuda`` /
+``cuda:N``, else 0); the cluster launcher configs ask Ray / SLURM for that many per job.
 """
 
 from __future__ import annotations
@@ -113,10 +116,18 @@ def safe_eval(expression: Any) -> Any:
         ) from None
 
 
+def gpus_for_device(device: Any) -> int:
+    """GPUs one training process on ``device`` uses: 1 for ``cuda`` / ``cuda:N``, 0 otherwise (``auto``
+    asks for none: a scheduler cannot know what ``auto`` will find; pass ``training.device=cuda``)."""
+    return 1 if str(device).strip().lower().startswith("cuda") else 0
+
+
 def register_resolvers() -> None:
-    """Register ``eval`` and ``calc`` (both ``safe_eval``). Safe to call any number of times.
+    """Register ``eval`` and ``calc`` (both ``safe_eval``) and ``gpus_for_device``. Safe to call any
+    number of times.
 
     ``replace=True`` also displaces a Python-``eval`` resolver some other module may have registered.
     """
     for name in ("eval", "calc"):
         OmegaConf.register_new_resolver(name, safe_eval, replace=True)
+    OmegaConf.register_new_resolver("gpus_for_device", gpus_for_device, replace=True)

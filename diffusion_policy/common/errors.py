@@ -57,3 +57,20 @@ class RunInterrupted(BaseException):
         how = "stopped at once (second signal)" if self.forced else "stopped between two steps"
         text = f"{signal.Signals(self.signum).name} received: {how}"
         return f"{text}; {self.detail}" if self.detail else text
+
+
+class SweepJobFailed(RuntimeError):
+    """A sweep job ended with one of the errors above (``message`` is its one line).
+
+    Inside a sweep, ``train.py`` raises this instead of exiting, so Hydra records the job as failed and
+    the launcher goes on with the other jobs (an exit would end a basic/joblib sweep, or a Ray worker).
+    """
+
+    def __init__(self, message: str, exit_code: int, table: str = ""):
+        super().__init__(message, exit_code, table)
+        self.message = message
+        self.exit_code = exit_code
+        self.table = table  # the sweep's multirun_metrics.md, for the final one-line error
+
+    def __str__(self) -> str:
+        return self.message
