@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -103,17 +104,34 @@ def loader_worker_death_cause(error: RuntimeError) -> str:
     the message just says "exited unexpectedly", and the worker objects (with their exit codes) are left
     in the raising frame.
     """
-    cause = str(error).strip().splitlines()[0]
+    lines = str(error).strip().splitlines()
+    cause = lines[0] if lines else f"{type(error).__name__} while receiving a batch"
     tb = error.__traceback__
+    seen = set()
     while tb is not None:
-        for worker in tb.tb_frame.f_locals.get("failed_workers", None) or ():
+        local = tb.tb_frame.f_locals
+        # torch's own list of dead workers, or (an EOF mid-transfer) the loader iterator's workers
+        workers = local.get("failed_workers") or getattr(local.get("self"), "_workers", None) or ()
+        for worker in workers:
             code = getattr(worker, "exitcode", None)
-            if code is not None and code < 0:
+            if code is not None and code < 0 and worker.pid not in seen:
+                seen.add(worker.pid)
                 cause += f" (pid {worker.pid}: killed by {signal.Signals(-code).name})"
         tb = tb.tb_next
     if "Killed" in cause or "SIGKILL" in cause:
         cause += "; SIGKILL often means the machine ran out of memory"
     return cause
+
+
+def from_dead_loader_worker(error: BaseException) -> bool:
+    """torch's dead-worker error, or the EOF / reset a worker killed while it was handing over a batch leaves
+    in the data loader's receiving end."""
+    if isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker"):
+        return True
+    if not isinstance(error, (EOFError, ConnectionError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(f"torch{os.sep}utils{os.sep}data" in frame.filename for frame in frames)
 
 
 def stops_cleanly(run):
@@ -138,7 +156,7 @@ def stops_cleanly(run):
                 if signum is not None:
                     # a worker hit by the same Ctrl-C, or a pipe it closed: part of the stop, not a failure
                     raise RunInterrupted(signum, detail=self.resume_hint()) from e
-                if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):
+                if from_dead_loader_worker(e):
                     cause = loader_worker_death_cause(e)
                     raise WorkerDiedError(
                         f"a data loader worker died during epoch {self.epoch} ({cause}); {self.resume_hint()}"
