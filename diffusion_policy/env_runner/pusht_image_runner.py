@@ -9,7 +9,7 @@ import numpy as np
 from diffusion_policy.env.pusht.pusht_image_env import PushTImageEnv
 from diffusion_policy.env_runner.base_image_runner import BaseImageRunner
 from diffusion_policy.env_runner.pusht_keypoints_runner import check_runner_args
-from diffusion_policy.env_runner.vector_rollout import SeededEpisodeRunner
+from diffusion_policy.env_runner.vector_rollout import EpisodePlan, SeededEpisodeRunner
 from diffusion_policy.gym_util.multistep_wrapper import MultiStepWrapper
 from diffusion_policy.gym_util.video_recorder import VideoRecorder
 from diffusion_policy.gym_util.video_recording_wrapper import VideoRecordingWrapper
@@ -77,19 +77,10 @@ class PushTImageRunner(SeededEpisodeRunner, BaseImageRunner):
             n_action_steps=self.n_action_steps,
             max_steps=int(max_steps),
         )
-        self._init_rollout(
-            output_dir,
-            env_fn,
-            n_train,
-            n_train_vis,
-            train_start_seed,
-            n_test,
-            n_test_vis,
-            test_start_seed,
-            n_envs,
-            step_timeout_s,
-            tqdm_interval_sec,
+        plan = EpisodePlan(
+            output_dir, n_train, n_train_vis, train_start_seed, n_test, n_test_vis, test_start_seed
         )
+        self._init_rollout(plan, env_fn, n_envs, step_timeout_s, tqdm_interval_sec)
 
     @staticmethod
     def _obs_to_policy(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

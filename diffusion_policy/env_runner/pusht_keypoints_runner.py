@@ -10,7 +10,7 @@ import numpy as np
 from diffusion_policy.common.rules import enforce, rollout_seeds_in_range
 from diffusion_policy.env.pusht.pusht_keypoints_env import PushTKeypointsEnv
 from diffusion_policy.env_runner.base_lowdim_runner import BaseLowdimRunner
-from diffusion_policy.env_runner.vector_rollout import SeededEpisodeRunner
+from diffusion_policy.env_runner.vector_rollout import EpisodePlan, SeededEpisodeRunner
 from diffusion_policy.gym_util.multistep_wrapper import MultiStepWrapper
 from diffusion_policy.gym_util.video_recorder import VideoRecorder
 from diffusion_policy.gym_util.video_recording_wrapper import VideoRecordingWrapper
@@ -117,19 +117,10 @@ class PushTKeypointsRunner(SeededEpisodeRunner, BaseLowdimRunner):
             n_action_steps=self.n_action_steps,
             max_steps=int(max_steps),
         )
-        self._init_rollout(
-            output_dir,
-            env_fn,
-            n_train,
-            n_train_vis,
-            train_start_seed,
-            n_test,
-            n_test_vis,
-            test_start_seed,
-            n_envs,
-            step_timeout_s,
-            tqdm_interval_sec,
+        plan = EpisodePlan(
+            output_dir, n_train, n_train_vis, train_start_seed, n_test, n_test_vis, test_start_seed
         )
+        self._init_rollout(plan, env_fn, n_envs, step_timeout_s, tqdm_interval_sec)
 
     def _obs_to_policy(self, obs: np.ndarray) -> dict[str, np.ndarray]:
         obs = obs[:, : self.n_obs_steps]

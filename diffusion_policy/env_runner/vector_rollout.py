@@ -13,7 +13,6 @@ only on its input batch.
 
 from __future__ import annotations
 
-import functools
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -408,28 +407,36 @@ def episode_log(result: RolloutResult, episodes: Sequence[Episode]) -> dict[str,
     return log
 
 
-def plan_episodes(
-    output_dir: str,
-    n_train: int,
-    n_train_vis: int,
-    train_start_seed: int,
-    n_test: int,
-    n_test_vis: int,
-    test_start_seed: int,
-    run_index: int,
-) -> list[Episode]:
-    """Train then test episodes; the first ``n_*_vis`` of each get ``media/{split}_{seed}_run{k}.mp4``."""
-    media = os.path.join(output_dir, "media")
-    episodes = []
-    for split, n, n_vis, start in (
-        ("train", n_train, n_train_vis, train_start_seed),
-        ("test", n_test, n_test_vis, test_start_seed),
-    ):
-        for i in range(n):
-            seed = start + i
-            path = os.path.join(media, f"{split}_{seed}_run{run_index:04d}.mp4") if i < n_vis else None
-            episodes.append(Episode(seed=seed, prefix=f"{split}/", video_path=path))
-    return episodes
+@dataclass(frozen=True)
+class EpisodePlan:
+    """The seeded episodes a runner rolls out: ``n_train`` from ``train_start_seed``, then ``n_test`` from
+    ``test_start_seed``; the first ``n_*_vis`` of each record ``media/{split}_{seed}_run{k}.mp4``."""
+
+    output_dir: str
+    n_train: int
+    n_train_vis: int
+    train_start_seed: int
+    n_test: int
+    n_test_vis: int
+    test_start_seed: int
+
+    @property
+    def n_episodes(self) -> int:
+        return self.n_train + self.n_test
+
+    def episodes(self, run_index: int) -> list[Episode]:
+        """Train then test episodes of run ``run_index`` (its number in the video file names)."""
+        media = os.path.join(self.output_dir, "media")
+        episodes = []
+        for split, n, n_vis, start in (
+            ("train", self.n_train, self.n_train_vis, self.train_start_seed),
+            ("test", self.n_test, self.n_test_vis, self.test_start_seed),
+        ):
+            for i in range(n):
+                seed = start + i
+                path = os.path.join(media, f"{split}_{seed}_run{run_index:04d}.mp4") if i < n_vis else None
+                episodes.append(Episode(seed=seed, prefix=f"{split}/", video_path=path))
+        return episodes
 
 
 def next_free_run_index(episodes_fn: Callable[[int], list[Episode]], start: int) -> int:
@@ -453,32 +460,17 @@ class SeededEpisodeRunner:
 
     def _init_rollout(
         self,
-        output_dir: str,
+        plan: EpisodePlan,
         episode_env_fn: Callable[[], gym.Env],
-        n_train: int,
-        n_train_vis: int,
-        train_start_seed: int,
-        n_test: int,
-        n_test_vis: int,
-        test_start_seed: int,
         n_envs: int | None,
         step_timeout_s: float,
         tqdm_interval_sec: float,
     ) -> None:
-        self._plan = functools.partial(
-            plan_episodes,
-            output_dir,
-            n_train,
-            n_train_vis,
-            train_start_seed,
-            n_test,
-            n_test_vis,
-            test_start_seed,
-        )
+        self._plan = plan.episodes
         self._run_index = 0
         self.rollout = VectorRollout(
             episode_env_fn,
-            n_train + n_test,
+            plan.n_episodes,
             n_envs=n_envs,
             step_timeout_s=step_timeout_s,
             tqdm_interval_sec=tqdm_interval_sec,
