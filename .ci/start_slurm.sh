@@ -4,6 +4,8 @@
 # prints `export SLURM_CONF=...` for the caller. Debian: apt-get install slurm-wlm munge.
 set -euo pipefail
 dir="${DP_SLURM_DIR:-/tmp/dp-slurm}"
+# a controller that is not running leaves no jobs worth keeping: start from an empty state and spool
+if ! pgrep -x slurmctld >/dev/null; then rm -rf "$dir/state" "$dir/spool"; fi
 mkdir -p "$dir/state" "$dir/spool" /run/munge
 cpus="$(nproc)"
 mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"

@@ -393,7 +393,8 @@ def test_slurm_sweep_with_a_requeued_job_ends_with_the_same_weights(slurm_cluste
         if sweep.poll() is None:
             sweep.kill()
             sweep.wait()
-            subprocess.run(["scancel", "--name", "train"], check=False)
+        # no job of this sweep may outlive the test (an instance of a requeued job once did)
+        subprocess.run(["scancel", "--name", "train"], check=False, env=ENV)
     assert sweep.returncode == 0, f"exit {sweep.returncode}\n{sweep_log.read_text()[-3000:]}"
     reference.wait(timeout=600)
     assert reference.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
