@@ -185,9 +185,19 @@ class LowdimDiffusionPolicy(DiffusionPolicyBase, BaseLowdimPolicy):
     normalizer_keys = ("action", "obs")
 
     def __init__(
-        self, obs_dim: int, model: nn.Module, noise_scheduler: Any, window: ActionWindow, *args: Any
+        self,
+        obs_dim: int,
+        model: nn.Module,
+        noise_scheduler: Any,
+        window: ActionWindow,
+        num_inference_steps: int | None,
+        step_kwargs: Mapping[str, Any],
+        inpaint_dim: int = 0,
     ) -> None:
-        super().__init__(model, noise_scheduler, window, {"obs": (obs_dim,)}, *args)
+        obs_shapes = {"obs": (obs_dim,)}
+        super().__init__(
+            model, noise_scheduler, window, obs_shapes, num_inference_steps, step_kwargs, inpaint_dim
+        )
         self.obs_dim = obs_dim
 
     def normalized_obs(self, obs_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
