@@ -87,6 +87,48 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
         load_checkpoint_file(tmp_path / "missing.ckpt")
 
 
+@pytest.mark.parametrize("torch_wraps_it", [False, True])
+def test_a_full_disk_gives_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, torch_wraps_it):
+    """ENOSPC mid-write (torch's zip writer turns it into a RuntimeError on close) says so in one line."""
+    import errno
+
+    import diffusion_policy.common.checkpoint_io as checkpoint_io
+
+    target = tmp_path / "latest.ckpt"
+    save_checkpoint_file(_payload(5.0), target)
+
+    def full_disk_save(obj, f):
+        f.write(b"PK\x03\x04partial")
+        full = OSError(errno.ENOSPC, "No space left on device")
+        if not torch_wraps_it:
+            raise full
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk_save)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint_file(_payload(6.0), target)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "no space left" in message and "previous latest.ckpt is untouched" in message, message
+    monkeypatch.undo()
+    assert load_checkpoint_file(target)["state_dicts"]["model"]["w"][0].item() == 5.0
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.ckpt"]  # no temp file left behind
+
+
+def test_a_different_write_failure_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    import diffusion_policy.common.checkpoint_io as checkpoint_io
+
+    def broken_save(obj, f):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        save_checkpoint_file(_payload(), tmp_path / "x.ckpt")
+
+
 def test_sigkill_during_save_never_corrupts_the_file(tmp_path):
     """A writer killed at arbitrary moments leaves either the old or the new complete file."""
     target = tmp_path / "latest.ckpt"

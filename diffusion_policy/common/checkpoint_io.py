@@ -14,6 +14,7 @@ checkpoints (which are pickles of OmegaConf objects) are refused with a message 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -43,6 +44,15 @@ def save_checkpoint_file(payload: dict[str, Any], path: str | os.PathLike) -> Pa
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer re-raises a full disk as a RuntimeError about positions; say what happened
+        if _disk_full(e):
+            kept = f"the previous {path.name} is untouched" if path.exists() else "nothing was written"
+            raise CheckpointError(
+                f"no space left on the device holding {path.parent} while writing {path.name}; {kept}; "
+                "free space there or keep fewer checkpoints (checkpoint.topk.k)"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -51,6 +61,14 @@ def save_checkpoint_file(payload: dict[str, Any], path: str | os.PathLike) -> Pa
     finally:
         os.close(dir_fd)
     return path.absolute()
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__context__ or e.__cause__
+    return False
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> None:
