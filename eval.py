@@ -5,6 +5,7 @@
     python eval.py -c FLOW_CKPT -o data/eval/run1_fm2 --inference-steps 2  # flow matching, 2 Euler steps
     python eval.py -c CKPT -o data/eval/run1_500 --n-test 500         # 500 test seeds, 95% interval
     python eval.py -c EXPORT_DIR -o data/eval/run1_ov --backend openvino  # a directory written by export.py
+    python eval.py -c CKPT -o data/eval/run1_rtc4 --delay 4 --execution rtc  # 4 steps of inference delay, RTC
 
 Writes OUTPUT_DIR/eval_log.json (metrics, 95% intervals over the test seeds, and video paths under
 OUTPUT_DIR/media/). Rollout settings (seeds, number of episodes, ...) are the checkpoint's own
@@ -19,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffusion_policy.common.chunk_execution import GUIDANCE_METHODS, MODES, ExecutionSpec
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.common.errors import CheckpointError, ConfigError, DeviceError, one_line
 
@@ -98,6 +100,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="inference threads of the onnxruntime / openvino backend (default: the runtime's own choice)",
     )
     parser.add_argument(
+        "--delay",
+        type=int,
+        default=0,
+        metavar="D",
+        help="inference delay in control steps: D steps pass between the observation a chunk is computed "
+        "from and the first step it can act on (default 0: the world waits for inference, the original's "
+        "protocol); needs --execution async, ensemble or rtc",
+    )
+    parser.add_argument(
+        "--execution",
+        choices=MODES,
+        default="sync",
+        help="how chunks are executed while the next one is computed: sync (the world waits; delay 0), "
+        "async (run the old chunk for D steps, then switch), ensemble (ACT's temporal ensembling of "
+        "overlapping chunks), rtc (real-time chunking: the new chunk's first D actions frozen to the old "
+        "chunk's, the rest of the overlap guided toward it)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        metavar="K",
+        help="steps of the previous chunk past its executed n_action_steps that are still used (from D "
+        "to the chunk's spare length; default: D for async, all of them for ensemble and rtc)",
+    )
+    parser.add_argument(
+        "--rtc-method",
+        choices=GUIDANCE_METHODS,
+        default="guidance",
+        help="rtc only: guidance (RTC's gradient guidance of the denoised estimate, default) or inpaint "
+        "(soft inpainting along the sampling path, no gradients)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="write into OUTPUT_DIR even if it is not empty (never prompts)",
@@ -133,8 +168,8 @@ class TorchPolicyWithNoise:
     def __getattr__(self, name):
         return getattr(self.policy, name)
 
-    def predict_action(self, obs_dict):
-        return self.policy.predict_action(obs_dict, generator=self.noise.generator)
+    def predict_action(self, obs_dict, **kwargs):
+        return self.policy.predict_action(obs_dict, generator=self.noise.generator, **kwargs)
 
 
 class ExportedPolicyAdapter:
@@ -148,6 +183,14 @@ class ExportedPolicyAdapter:
 
     def reset(self) -> None:
         self.exported.reset()
+
+    @property
+    def chunk_start(self) -> int:
+        return self.exported.chunk_start
+
+    @property
+    def chunk_length(self) -> int:
+        return self.exported.chunk_length
 
     def predict_action(self, obs_dict):
         import numpy as np
@@ -202,6 +245,28 @@ def with_test_seeds(runner_cfg, n_test: int):
     return runner_cfg
 
 
+def execution_spec(policy, runner_cfg, mode: str, delay: int, overlap: int | None, backend: str):
+    """The execution spec of --execution/--delay/--overlap for this policy and runner (None: the original's
+    protocol); a combination that cannot run raises ConfigError naming the option."""
+    if mode == "sync" and delay == 0 and overlap in (None, 0):
+        return None
+    if mode == "rtc" and backend != "torch":
+        raise ConfigError(
+            f"--execution rtc needs the torch backend (its guidance differentiates the denoiser); "
+            f"--backend {backend} runs sync, async and ensemble"
+        )
+    if runner_cfg.get("n_latency_steps", 0):
+        raise ConfigError(
+            f"--delay/--execution: the checkpoint's env runner has n_latency_steps="
+            f"{runner_cfg.n_latency_steps} (the original's observation latency), which is not combined with "
+            "an inference delay"
+        )
+    try:
+        return ExecutionSpec(mode, delay, int(runner_cfg.n_action_steps), int(policy.chunk_length), overlap)
+    except ValueError as e:
+        raise ConfigError(f"--execution {mode} --delay {delay}: {e}") from None
+
+
 def evaluate(
     checkpoint: str,
     output_dir: str,
@@ -213,6 +278,10 @@ def evaluate(
     backend: str = "torch",
     noise_seed: int | None = None,
     threads: int | None = None,
+    execution: str = "sync",
+    delay: int = 0,
+    overlap: int | None = None,
+    rtc_method: str = "guidance",
 ) -> dict:
     import torch
 
@@ -231,6 +300,7 @@ def evaluate(
             except ValueError as e:
                 raise ConfigError(f"--sampler/--inference-steps: {e}") from None
         label = sampler_label(policy)
+        policy.guide_method = rtc_method
         if noise_seed is not None:
             policy = TorchPolicyWithNoise(policy, SeededNoise(noise_seed))
     else:
@@ -244,13 +314,14 @@ def evaluate(
         )
     if n_test is not None:
         runner_cfg = with_test_seeds(runner_cfg, n_test)
+    spec = execution_spec(policy, runner_cfg, execution, delay, overlap, backend)
 
     # created only now: a checkpoint that fails above leaves no trace
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     env_runner = build(runner_cfg, "task.env_runner", output_dir=output_dir)
     try:
         with torch.no_grad():
-            runner_log = env_runner.run(policy)
+            runner_log = env_runner.run(policy) if spec is None else env_runner.run(policy, execution=spec)
     finally:
         if hasattr(env_runner, "close"):
             env_runner.close()
@@ -261,6 +332,11 @@ def evaluate(
     json_log.update(split_summary(runner_log, "test/"))
     json_log["eval/sampler"] = label
     json_log["eval/backend"] = backend
+    json_log["eval/execution"] = execution
+    json_log["eval/delay"] = delay
+    json_log["eval/overlap"] = 0 if spec is None else spec.resolved_overlap
+    if execution == "rtc":
+        json_log["eval/rtc_method"] = rtc_method
     with open(Path(output_dir) / "eval_log.json", "w") as f:
         json.dump(json_log, f, indent=2, sort_keys=True)
     return json_log
@@ -316,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             args.backend,
             args.noise_seed,
             args.threads,
+            args.execution,
+            args.delay,
+            args.overlap,
+            args.rtc_method,
         )
     except (CheckpointError, ConfigError, DeviceError, ExportError, FileNotFoundError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -323,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = {
         k: v
         for k, v in log.items()
-        if k.endswith(("mean_score", "success_rate")) or k in ("eval/sampler", "eval/backend")
+        if k.endswith(("mean_score", "success_rate"))
+        or k in ("eval/sampler", "eval/backend", "eval/execution", "eval/delay")
     }
     print(json.dumps(scores, indent=2, sort_keys=True))
     if "test/n_episodes" in log:

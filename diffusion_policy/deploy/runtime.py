@@ -155,6 +155,9 @@ class ExportedPolicy:
         self.action_start = m["action_start"]
         self.pred_action_steps_only = m["pred_action_steps_only"]
         self.trajectory_length = m["trajectory_length"]
+        # as the torch policies: where in action_pred the current step's action is, and how many follow
+        self.chunk_start = 0 if self.pred_action_steps_only else self.action_start
+        self.chunk_length = self.trajectory_length - self.chunk_start
         self.conditioning = m["conditioning"]
         self.normalizer = {k: _Affine(v) for k, v in m["normalizer"].items()}
         self.denoiser = _load_graph(self.export_dir, m["graphs"]["denoiser"], backend, threads)

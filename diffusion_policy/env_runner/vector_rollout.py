@@ -30,6 +30,7 @@ import tqdm
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from diffusion_policy.common import shutdown
+from diffusion_policy.common.chunk_execution import ChunkExecutor, ExecutionSpec
 from diffusion_policy.common.errors import WorkerDiedError
 from diffusion_policy.common.host_info import usable_cpu_count
 from diffusion_policy.gym_util.multistep_wrapper import repeated_space
@@ -289,12 +290,15 @@ class VectorRollout:
         past_action: bool = False,
         n_obs_steps: int = 1,
         desc: str = "rollout",
+        execution: ExecutionSpec | None = None,
     ) -> RolloutResult:
         """Roll ``policy`` out on ``episodes`` (all at once) until every episode has ended.
 
         ``obs_to_policy`` maps the active episodes' stacked observations (B, ...) to the numpy
         inputs of ``policy.predict_action``; ``action_from_policy`` maps its (B, k, Da) action
-        output to the chunk that is executed.
+        output to the chunk that is executed. With ``execution`` the executed actions come instead from
+        the policy's chunk (``action_pred`` from ``policy.chunk_start`` on) under that execution mode and
+        inference delay (:mod:`diffusion_policy.common.chunk_execution`).
         """
         episodes = list(episodes)
         if len(episodes) != self.n_episodes:
@@ -303,7 +307,7 @@ class VectorRollout:
         slots: list[Episode | None] = episodes + [None] * (n_total - len(episodes))
         try:
             result = self._run(
-                policy, slots, obs_to_policy, action_from_policy, past_action, n_obs_steps, desc
+                policy, slots, obs_to_policy, action_from_policy, past_action, n_obs_steps, desc, execution
             )
         except Exception as exc:
             dead = self._dead_worker()
@@ -323,8 +327,11 @@ class VectorRollout:
             video_paths=[ep.video_path for ep in episodes],
         )
 
-    def _run(self, policy, slots, obs_to_policy, action_from_policy, past_action, n_obs_steps, desc):
+    def _run(
+        self, policy, slots, obs_to_policy, action_from_policy, past_action, n_obs_steps, desc, execution
+    ):
         n_total = len(slots)
+        executor = None if execution is None else ChunkExecutor(execution, n_total)
         obs, info = self._reset(slots)
         obs = _flatten_workers(obs, n_total)
         done = np.array([ep is None for ep in slots])
@@ -345,14 +352,21 @@ class VectorRollout:
                 np_obs = obs_to_policy(_slot_index(obs, idx))
                 if past_action and last_action is not None and n_obs_steps > 1:
                     np_obs["past_action"] = last_action[idx, -(n_obs_steps - 1) :].astype(np.float32)
+                guide = None if executor is None else executor.guide(idx)
                 with torch.no_grad():
                     t_obs = {
                         k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in np_obs.items()
                     }
-                    out = policy.predict_action(t_obs)
+                    # the guide goes only to a policy that is asked for it (rtc), so any policy runs the rest
+                    extra = {} if guide is None else {"guide": (torch.from_numpy(guide[0]), guide[1])}
+                    out = policy.predict_action(t_obs, **extra)
                 if not isinstance(out, dict) or "action" not in out:
                     raise TypeError("policy.predict_action must return a dict with an 'action' tensor")
-                action = action_from_policy(out["action"].detach().to("cpu").numpy())
+                if executor is None:
+                    action = action_from_policy(out["action"].detach().to("cpu").numpy())
+                else:
+                    chunk = out["action_pred"][:, policy.chunk_start :].detach().to("cpu").numpy()
+                    action = executor.execute(chunk, idx)
                 if action.ndim != 3 or action.shape[0] != len(idx) or action.shape[1] < 1:
                     raise ValueError(
                         f"policy returned actions of shape {tuple(out['action'].shape)}; expected "
@@ -456,6 +470,7 @@ class SeededEpisodeRunner:
     """
 
     n_obs_steps: int
+    n_action_steps: int
     past_action: bool
 
     def _init_rollout(
@@ -483,8 +498,14 @@ class SeededEpisodeRunner:
     def _action_from_policy(self, action: np.ndarray) -> np.ndarray:
         return action
 
-    def run(self, policy: Any) -> dict[str, Any]:
-        """Roll ``policy`` out on every planned episode; returns the flat metric/video-path dict."""
+    def run(self, policy: Any, execution: ExecutionSpec | None = None) -> dict[str, Any]:
+        """Roll ``policy`` out on every planned episode; returns the flat metric/video-path dict.
+
+        ``execution``: how chunks are executed under an inference delay (None: the original's protocol,
+        the world waits for every chunk).
+        """
+        if execution is not None:
+            self.check_execution(execution)
         # videos of earlier runs (also of an earlier process) are never overwritten
         self._run_index = next_free_run_index(self._plan, self._run_index)
         episodes = self._plan(self._run_index)
@@ -497,8 +518,23 @@ class SeededEpisodeRunner:
             past_action=self.past_action,
             n_obs_steps=self.n_obs_steps,
             desc=f"Eval {type(self).__name__} ({len(episodes)} episodes)",
+            execution=execution,
         )
         return episode_log(result, episodes)
+
+    def check_execution(self, execution: ExecutionSpec) -> None:
+        """An execution spec fits this runner: it executes the runner's n_action_steps per chunk, and the
+        original's ``n_latency_steps`` (a different model of latency) is not combined with it."""
+        if execution.n_action_steps != self.n_action_steps:
+            raise ValueError(
+                f"execution spec executes {execution.n_action_steps} actions per chunk; this runner steps "
+                f"n_action_steps={self.n_action_steps}"
+            )
+        if getattr(self, "n_latency_steps", 0):
+            raise ValueError(
+                f"n_latency_steps={self.n_latency_steps} (the original's observation latency) cannot be "
+                "combined with an inference delay; set task.env_runner.n_latency_steps=0"
+            )
 
     def start(self) -> None:
         """Start the worker processes now (otherwise the first ``run`` starts them)."""

@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from diffusion_policy.model.diffusion.flow_matching import is_flow_matching
+from diffusion_policy.policy.chunk_guidance import ChunkGuide, guided_output, inpaint_step
 from diffusion_policy.policy.samplers import PREDICTION_TYPES
 
 
@@ -29,6 +30,7 @@ def conditional_sample(
     generator: torch.Generator | None = None,
     cond: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    guide: ChunkGuide | None = None,
     **step_kwargs,
 ) -> torch.Tensor:
     """Denoise from Gaussian noise to a trajectory shaped like ``condition_data`` (B, T, D).
@@ -38,6 +40,8 @@ def conditional_sample(
     runtime takes the same argument), else drawn with ``generator``, which also drives stochastic steps.
     The denoiser is called as ``model(trajectory, t, **conditions)`` with the conditions that are given:
     ``local_cond`` / ``global_cond`` for the UNet, ``cond`` (B, To, Dc) tokens for the transformer.
+    ``guide`` steers the sample toward a target with soft weights (real-time chunking,
+    :mod:`diffusion_policy.policy.chunk_guidance`).
     """
     conditions = model_conditions(local_cond=local_cond, global_cond=global_cond, cond=cond)
     device = condition_data.device
@@ -56,15 +60,31 @@ def conditional_sample(
     # one host->device copy for the model's timesteps; the scheduler gets plain ints, so it never
     # branches on a device tensor (which would force a sync per step)
     model_timesteps = timesteps.to(device)
-    for i, t in enumerate(timesteps.tolist()):
+    times = timesteps.tolist()
+    if guide is not None and guide.method == "inpaint":
+        two_stage = is_flow_matching(noise_scheduler) and noise_scheduler.config.solver != "euler"
+        if two_stage or getattr(noise_scheduler, "order", 1) != 1:
+            raise ValueError("guidance method 'inpaint' needs a one-stage sampler (DDPM, DDIM or flow euler)")
+    for i, t in enumerate(times):
         if condition_mask is not None:
             trajectory = torch.where(condition_mask, condition_data, trajectory)
-        model_output = model(trajectory, model_timesteps[i], **conditions)
-        trajectory = noise_scheduler.step(
+        if guide is not None and guide.method == "guidance":
+            model_output = guided_output(
+                model, noise_scheduler, trajectory, model_timesteps[i], t, conditions, guide
+            )
+        else:
+            model_output = model(trajectory, model_timesteps[i], **conditions)
+        stepped = noise_scheduler.step(
             model_output, t, trajectory, generator=generator, **step_kwargs
         ).prev_sample
+        if guide is not None and guide.method == "inpaint":
+            following = times[i + 1] if i + 1 < len(times) else None
+            stepped = inpaint_step(noise_scheduler, model_output, trajectory, stepped, t, following, guide)
+        trajectory = stepped
     if condition_mask is not None:
         trajectory = torch.where(condition_mask, condition_data, trajectory)
+    if guide is not None:
+        trajectory = guide.finish(trajectory)
     return trajectory
 
 

@@ -27,6 +27,7 @@ from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.policy.action_window import ActionWindow
 from diffusion_policy.policy.base_image_policy import BaseImagePolicy
 from diffusion_policy.policy.base_lowdim_policy import BaseLowdimPolicy
+from diffusion_policy.policy.chunk_guidance import DEFAULT_MAX_GUIDANCE, ChunkGuide
 from diffusion_policy.policy.denoising import conditional_sample, diffusion_loss, inpainting_mask_generator
 from diffusion_policy.policy.samplers import check_scheduler
 
@@ -78,6 +79,9 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         self.obs_shapes = dict(obs_shapes)
         self.kwargs = step_kwargs
         self._queues = OnlineQueues(window.n_obs_steps, torch.stack)
+        # how a ``guide`` passed to predict_action steers sampling (real-time chunking); eval.py sets them
+        self.guide_method = "guidance"
+        self.max_guidance = DEFAULT_MAX_GUIDANCE
 
     # the window's numbers, under the names the original's policies have them
     horizon = property(lambda self: self.window.horizon)
@@ -86,6 +90,16 @@ class DiffusionPolicyBase(ModuleAttrMixin):
     action_dim = property(lambda self: self.window.action_dim)
     action_start = property(lambda self: self.window.action_start)
     pred_action_steps_only = property(lambda self: self.window.pred_action_steps_only)
+
+    @property
+    def chunk_start(self) -> int:
+        """Index in ``action_pred`` of the action for the current step: the chunk runs from there on."""
+        return 0 if self.pred_action_steps_only else self.action_start
+
+    @property
+    def chunk_length(self) -> int:
+        """How many actions ``action_pred`` predicts from the current step on."""
+        return self.window.sample_length - self.chunk_start
 
     # ---------------- what each policy defines ----------------
     def prediction_inputs(self, obs_dict: Mapping[str, torch.Tensor]) -> Inputs:
@@ -113,18 +127,25 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         obs_dict: Mapping[str, torch.Tensor],
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        guide: tuple[Any, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """obs_dict: raw observations with To >= n_obs_steps frames (``{"obs": (B, To, Do)}`` for a state
         policy, ``{key: (B, To, *shape)}`` for an image policy) -> {"action": (B, n_action_steps, Da),
         "action_pred": (B, L, Da)} raw, L = horizon (n_action_steps with ``pred_action_steps_only``).
 
         ``noise`` (B, L, D), when given, is the initial Gaussian sample (D = Da, plus the inpainted
-        channels); otherwise it is drawn with ``generator``.
+        channels); otherwise it is drawn with ``generator``. ``guide`` = (target (B, H, Da) raw actions,
+        weights (H,) in [0, 1]) for the H = ``chunk_length`` actions from the current step on steers the
+        sample toward the target (real-time chunking; ``guide_method`` and ``max_guidance`` say how).
         """
         self._check_normalizer()
         if "past_action" in obs_dict:
             raise ValueError(f"obs_dict['past_action'] is not supported by {type(self).__name__}")
         condition_data, condition_mask, conditions = self.prediction_inputs(obs_dict)
+        # all-zero weights (an empty overlap) leave plain sampling, bit for bit
+        chunk_guide = None if guide is None else self._chunk_guide(guide, condition_data)
+        if chunk_guide is not None and not bool(chunk_guide.weights.any()):
+            chunk_guide = None
         nsample = conditional_sample(
             self.model,
             self.noise_scheduler,
@@ -133,14 +154,41 @@ class DiffusionPolicyBase(ModuleAttrMixin):
             condition_mask,
             generator=generator,
             noise=noise,
+            guide=chunk_guide,
             **conditions,
             **self.kwargs,
         )
         action_pred = self.normalizer["action"].unnormalize(nsample[..., : self.action_dim])
+        if chunk_guide is not None:
+            # the frozen actions are the old chunk's to the bit, not a normalize/unnormalize round trip
+            frozen = torch.zeros(action_pred.shape[1], dtype=torch.bool, device=action_pred.device)
+            frozen[self.chunk_start :] = torch.as_tensor(guide[1], device=frozen.device) >= 1
+            target = torch.as_tensor(guide[0], dtype=action_pred.dtype, device=action_pred.device)
+            action_pred[:, frozen] = target[:, frozen[self.chunk_start :]]
         action = action_pred
         if not self.pred_action_steps_only:
             action = action_pred[:, self.action_start : self.action_start + self.n_action_steps]
         return {"action": action, "action_pred": action_pred, **self.extra_predictions(nsample)}
+
+    def _chunk_guide(self, guide: tuple[Any, Any], like: torch.Tensor) -> ChunkGuide:
+        """Raw (target (B, H, Da), weights (H,)) -> the normalized guide over the whole sample (B, L, D)."""
+        target, weights = guide
+        target = torch.as_tensor(target, dtype=like.dtype, device=like.device)
+        weights = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+        batch, length = like.shape[0], self.chunk_length
+        if tuple(target.shape) != (batch, length, self.action_dim) or tuple(weights.shape) != (length,):
+            raise ValueError(
+                f"guide target {tuple(target.shape)} / weights {tuple(weights.shape)}; expected "
+                f"({batch}, {length}, {self.action_dim}) / ({length},): the actions from the current step on"
+            )
+        if bool(((weights < 0) | (weights > 1)).any()):
+            raise ValueError("guide weights must lie in [0, 1]")
+        start = self.chunk_start
+        full_target = torch.zeros_like(like)
+        full_target[:, start:, : self.action_dim] = self.normalizer["action"].normalize(target)
+        full_weights = torch.zeros(like.shape[1:], dtype=like.dtype, device=like.device)
+        full_weights[start:, : self.action_dim] = weights[:, None]
+        return ChunkGuide(full_target, full_weights, self.guide_method, self.max_guidance)
 
     def compute_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """batch: {"obs": raw observations over the horizon, "action": (B, T, Da) raw} -> scalar denoising
