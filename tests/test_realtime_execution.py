@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import gymnasium as gym
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from diffusion_policy.common.chunk_execution import ChunkExecutor, ExecutionSpec, rtc_weights
+from diffusion_policy.deploy.controller import RealTimeController
 from diffusion_policy.env_runner.vector_rollout import Episode, VectorRollout
 from diffusion_policy.gym_util.multistep_wrapper import MultiStepWrapper
 from diffusion_policy.model.common.normalizer import LinearNormalizer
@@ -345,3 +347,139 @@ def test_eval_cli_refuses_bad_combinations_in_one_line_and_writes_nothing(
     proc = run_cli(["eval.py", "-c", str(tiny_checkpoint), "-o", str(out), "-d", "cpu", *args])
     assert_one_line_error(proc, needle, exit_code=2)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the real-time controller
+class SimClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class GatedPolicy:
+    """A chunked policy whose every inference after the first waits for the test to release it.
+
+    ``started`` is set once inference has begun (the controller read its clock before calling), so the test
+    can move the simulated clock without racing the inference thread. The first call takes ``first_latency``
+    simulated seconds (the control loop waits for it)."""
+
+    n_action_steps, n_obs_steps, chunk_start, chunk_length = S, 2, 1, H
+    obs_shapes = {"obs": (4,)}
+
+    def __init__(self, clock: SimClock, first_latency: float):
+        self.clock, self.first_latency = clock, first_latency
+        self.calls = 0
+        self.windows = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def predict_action(self, obs_dict):
+        self.windows.append(obs_dict["obs"].copy())
+        call, self.calls = self.calls, self.calls + 1
+        if call == 0:
+            self.clock.t += self.first_latency
+        else:
+            self.started.set()
+            assert self.release.wait(timeout=600), "the test never released the inference"
+            self.release.clear()
+        pred = np.concatenate([np.full((1, 1, DA), -1.0), chunk(call)], axis=1)
+        return {"action": pred[:, 1 : 1 + S], "action_pred": pred}
+
+
+def drive(controller, policy, clock, n_ticks, latency, hz=10.0):
+    """Tick the controller at ``hz`` on the simulated clock; every inference after the first finishes
+    ``latency`` seconds after it started. Returns the executed actions."""
+    executed, pending = [], None
+    for tick in range(n_ticks):
+        now = tick / hz
+        if pending is not None and now >= pending - 1e-9:
+            clock.t = pending
+            policy.release.set()
+            assert controller.wait_idle(timeout=600)
+            pending = None
+        clock.t = now
+        executed.append(controller.step(np.full(4, float(tick))).tolist())
+        if tick > 0 and tick % S == 0:  # this step asked for a chunk: wait until its inference has begun
+            assert policy.started.wait(timeout=600)
+            policy.started.clear()
+            pending = now + latency
+    return executed
+
+
+@pytest.mark.parametrize("latency, expected_delay", [(0.25, 3), (0.3, 3), (0.05, 1)])
+def test_controller_derives_its_delay_from_the_measured_latency(latency, expected_delay):
+    clock = SimClock()
+    policy = GatedPolicy(clock, first_latency=0.0)
+    with RealTimeController(policy, control_hz=10, execution="async", clock=clock) as controller:
+        executed = drive(controller, policy, clock, n_ticks=3 * S, latency=latency)
+        assert controller.latency_s == pytest.approx(latency)
+        assert controller.delay_steps == expected_delay
+        thread = controller._thread
+    assert not thread.is_alive(), "stop() ends the inference thread"
+    # the first chunk acts at once; each later one from the first tick after it arrived, at that index
+    expected = [[0, k] for k in range(S)]
+    for call in (1, 2):
+        expected += [[call - 1, S + k] for k in range(expected_delay)]
+        expected += [[call, k] for k in range(expected_delay, S)]
+    assert executed == expected
+    # the observation window handed to inference is the last n_obs_steps ticks' (the first repeated)
+    assert policy.windows[0][0, :, 0].tolist() == [0, 0] and policy.windows[1][0, :, 0].tolist() == [7, 8]
+
+
+def test_controller_ensembles_chunks_as_the_simulation_does():
+    clock = SimClock()
+    policy = GatedPolicy(clock, first_latency=0.0)
+    with RealTimeController(policy, control_hz=10, execution="ensemble", clock=clock) as controller:
+        executed = drive(controller, policy, clock, n_ticks=2 * S, latency=0.2)
+    simulated = ChunkExecutor(ExecutionSpec("ensemble", 2, S, H), batch_size=1)
+    expected = [simulated.execute(chunk(call), np.array([0]))[0].tolist() for call in (0, 1)]
+    np.testing.assert_allclose(np.array(executed), np.array(expected[0] + expected[1]), rtol=0, atol=1e-12)
+
+
+def test_controller_rtc_freezes_what_runs_during_inference():
+    scheduler = ddim()
+    policy = toy_policy(scheduler, GaussianDenoiser(scheduler), num_inference_steps=4)
+    clock = SimClock()
+    seen_guides = []
+    original = policy.predict_action
+
+    def timed_predict_action(obs, **kwargs):
+        seen_guides.append(kwargs.get("guide"))
+        clock.t += 0.2  # the control loop waits on the first call and is idle during the others (below)
+        return original(obs, **kwargs)
+
+    policy.predict_action = timed_predict_action
+    with RealTimeController(policy, control_hz=10, execution="rtc", clock=clock) as controller:
+        for tick in range(2 * S):
+            assert controller.wait_idle(timeout=600)
+            clock.t = max(clock.t, tick / 10)
+            controller.step(np.zeros(4))
+        assert controller.wait_idle(timeout=600)
+        assert controller.delay_steps == 2
+    assert seen_guides[0] is None, "nothing to follow before the first chunk"
+    target, weights = seen_guides[1]
+    assert weights[:2].tolist() == [1.0, 1.0] and 0 < weights[2] < 1 and weights[7:].sum() == 0
+
+
+def test_controller_reports_an_inference_error_on_the_next_step():
+    class Broken(GatedPolicy):
+        def predict_action(self, obs_dict):
+            raise ValueError("camera unplugged")
+
+    controller = RealTimeController(
+        Broken(SimClock(), 0.0), control_hz=10, execution="async", clock=SimClock()
+    )
+    with (
+        controller,
+        pytest.raises(RuntimeError, match="policy inference failed: ValueError: camera unplugged"),
+    ):
+        controller.step(np.zeros(4))
+
+
+def test_controller_refuses_sync_and_rtc_without_torch():
+    with pytest.raises(ValueError, match="stops the robot"):
+        RealTimeController(GatedPolicy(SimClock(), 0.0), control_hz=10, execution="sync")
+    with pytest.raises(ValueError, match="needs a torch policy"):
+        RealTimeController(GatedPolicy(SimClock(), 0.0), control_hz=10, execution="rtc")

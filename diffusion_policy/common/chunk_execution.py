@@ -125,13 +125,79 @@ def rtc_weights(delay: int, overlap: int, length: int) -> np.ndarray:
     return weights
 
 
-class ChunkExecutor:
-    """The executed actions of a batch of episodes under an :class:`ExecutionSpec`, one cycle at a time.
+class ChunkTimeline:
+    """One episode's chunks on the control-step clock: which action runs at each step.
 
-    A cycle is s control steps: the caller asks :meth:`guide` for the RTC target of the chunk it is about to
-    compute (``None`` outside ``rtc`` and before the first chunk), computes the new chunks (B, H, Da) of the
-    rows ``rows`` (indices into the batch of ``batch_size`` episodes) and passes them to :meth:`execute`,
-    which returns the (len(rows), s, Da) actions the episodes run during the cycle.
+    A chunk is added with the step it was computed for (``start``: its index 0 is that step's action) and
+    the first step it can act on (``available``). At a step, ``sync``/``async``/``rtc`` run the newest
+    available chunk (an older one keeps running until the next exists), ``ensemble`` the weighted mean of
+    all available chunks that predict the step within their first ``s + overlap`` indices. The simulated
+    rollouts (:class:`ChunkExecutor`) and the real-time controller
+    (:class:`diffusion_policy.deploy.controller.RealTimeController`) share it.
+    """
+
+    def __init__(self, spec: ExecutionSpec) -> None:
+        self.spec = spec
+        self.chunks: list[tuple[int, int, np.ndarray]] = []  # (start, available, (H, Da))
+
+    def add(self, chunk: np.ndarray, start: int, available: int) -> None:
+        self.chunks.append((int(start), int(available), np.asarray(chunk, dtype=np.float64)))
+
+    def _window(self) -> int:
+        """How many of a chunk's indices may act: its first s + overlap for ensembling, else all."""
+        spec = self.spec
+        return spec.n_action_steps + spec.resolved_overlap if spec.mode == "ensemble" else spec.chunk_length
+
+    def action_at(self, step: int) -> np.ndarray | None:
+        """The action for ``step``, (Da,) float64; None when no available chunk predicts it."""
+        window = self._window()
+        usable = [(s, c) for s, a, c in self.chunks if a <= step and 0 <= step - s < min(window, len(c))]
+        if not usable:
+            return None
+        if self.spec.mode != "ensemble":
+            start, chunk = usable[-1]
+            return chunk[step - start]
+        weights = np.exp(-self.spec.ensemble_decay * np.arange(len(usable)))
+        predictions = np.stack([c[step - s] for s, c in usable])
+        return np.tensordot(weights / weights.sum(), predictions, axes=1)
+
+    def guide(self, step: int, delay: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """RTC's guide for a chunk computed for ``step`` that will exist ``delay`` steps later: (target
+        (H, Da): the newest chunk's actions for steps ``step`` on, over the overlap; weights (H,)), or None
+        (no chunk yet, or an empty overlap)."""
+        spec = self.spec
+        overlap = spec.resolved_overlap
+        if not self.chunks or overlap == 0:
+            return None
+        start, _, previous = self.chunks[-1]
+        h = spec.chunk_length
+        target = np.zeros((h, previous.shape[-1]), dtype=np.float64)
+        offset = step - start
+        n = max(0, min(overlap, len(previous) - offset))
+        target[:n] = previous[offset : offset + n]
+        delay = min(int(delay), n)  # what the previous chunk cannot cover is not frozen
+        return target, rtc_weights(delay, n, h)
+
+    def prune(self, step: int) -> None:
+        """Forget chunks that cannot act at ``step`` or later."""
+        window = self._window()
+        newest_available = max((a for _, a, _ in self.chunks if a <= step), default=None)
+        self.chunks = [
+            (s, a, c)
+            for s, a, c in self.chunks
+            if step - s < min(window, len(c))
+            and (self.spec.mode == "ensemble" or newest_available is None or a >= newest_available)
+        ]
+
+
+class ChunkExecutor:
+    """The executed actions of a batch of simulated episodes under an :class:`ExecutionSpec`, one cycle of s
+    control steps at a time, with a fixed delay of d steps (an episode's first chunk acts at once).
+
+    Per cycle the caller asks :meth:`guide` for the RTC target of the chunks it is about to compute (None
+    outside ``rtc`` and before the first chunk), computes the new chunks (B, H, Da) of the rows ``rows``
+    (indices into the batch of ``batch_size`` episodes) and passes them to :meth:`execute`, which returns
+    the (len(rows), s, Da) actions the episodes run during the cycle.
     """
 
     def __init__(self, spec: ExecutionSpec, batch_size: int) -> None:
@@ -140,65 +206,44 @@ class ChunkExecutor:
         self.reset()
 
     def reset(self) -> None:
-        # per episode: the chunks still predicting future steps, each with its start (in steps before the
-        # current cycle's first step, so 0 = computed from this cycle's observation)
-        self._chunks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(self.batch_size)]
-
-    def _previous(self, row: int) -> np.ndarray | None:
-        chunks = self._chunks[row]
-        return chunks[-1][1] if chunks else None
+        self._timelines = [ChunkTimeline(self.spec) for _ in range(self.batch_size)]
+        self._cycle = np.zeros(self.batch_size, dtype=np.int64)
 
     def guide(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """For ``rtc``: (target (len(rows), H, Da), weights (H,)) that the new chunk should follow: the
-        previous chunk's actions for the same steps (its indices s, s+1, ...), zero past the overlap. None
-        when no guide applies (another mode, or the first chunk of any of these episodes)."""
-        spec = self.spec
-        if spec.mode != "rtc" or spec.resolved_overlap == 0:
+        """For ``rtc``: (target (len(rows), H, Da), weights (H,)) the new chunks should follow: the previous
+        chunk's actions for the same steps (its indices s, s+1, ...), zero past the overlap. None when no
+        guide applies (another mode, an empty overlap, or the first chunk of these episodes)."""
+        if self.spec.mode != "rtc":
             return None
-        previous = [self._previous(int(r)) for r in rows]
-        if any(p is None for p in previous):
-            if not all(p is None for p in previous):
-                raise ValueError("rtc: episodes of one batch must start together")
+        s = self.spec.n_action_steps
+        guides = [self._timelines[r].guide(int(self._cycle[r]) * s, self.spec.delay) for r in rows.tolist()]
+        if any(g is None for g in guides):
+            if not all(g is None for g in guides):
+                raise ValueError("rtc: the episodes of one batch must start together")
             return None
-        s, h, o = spec.n_action_steps, spec.chunk_length, spec.resolved_overlap
-        target = np.zeros((len(previous), h, previous[0].shape[-1]), dtype=np.float64)
-        for j, p in enumerate(previous):
-            target[j, :o] = p[s : s + o]
-        return target, rtc_weights(spec.delay, o, h)
+        return np.stack([g[0] for g in guides]), guides[0][1]
 
     def execute(self, new_chunks: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """new_chunks (len(rows), H, Da), computed from this cycle's observations -> (len(rows), s, Da)."""
         spec = self.spec
-        s, d, o = spec.n_action_steps, spec.delay, spec.resolved_overlap
-        if new_chunks.ndim != 3 or new_chunks.shape[1] < s + o or new_chunks.shape[0] != len(rows):
+        s = spec.n_action_steps
+        if (
+            new_chunks.ndim != 3
+            or new_chunks.shape[1] != spec.chunk_length
+            or new_chunks.shape[0] != len(rows)
+        ):
             raise ValueError(
-                f"chunks of shape {tuple(new_chunks.shape)}; expected ({len(rows)}, >= {s + o}, action_dim)"
+                f"chunks of shape {tuple(new_chunks.shape)}; expected ({len(rows)}, {spec.chunk_length}, "
+                "action_dim)"
             )
         out = np.empty((len(rows), s, new_chunks.shape[-1]), dtype=np.float64)
         for j, row in enumerate(np.asarray(rows).tolist()):
-            chunks = self._chunks[row]
-            new = np.asarray(new_chunks[j], dtype=np.float64)
-            first = not chunks
+            timeline = self._timelines[row]
+            start = int(self._cycle[row]) * s
+            first = not timeline.chunks
+            timeline.add(new_chunks[j], start, start if first else start + spec.delay)
             for k in range(s):
-                if first or spec.mode == "sync":
-                    out[j, k] = new[k]
-                elif spec.mode == "ensemble":
-                    out[j, k] = self._ensembled(chunks, new, k)
-                else:  # async and rtc switch at the delay
-                    out[j, k] = new[k] if k >= d else chunks[-1][1][s + k]
-            # keep the chunks that still predict a step of the next cycle (their indices < s + overlap)
-            chunks.append((0, new))
-            self._chunks[row] = [(age + s, c) for age, c in chunks if age + s < s + o]
+                out[j, k] = timeline.action_at(start + k)
+            timeline.prune(start + s)
+            self._cycle[row] += 1
         return out
-
-    def _ensembled(self, chunks: list[tuple[int, np.ndarray]], new: np.ndarray, k: int) -> np.ndarray:
-        spec = self.spec
-        predictions = [
-            c[age + k] for age, c in chunks if age + k < spec.n_action_steps + spec.resolved_overlap
-        ]
-        if k >= spec.delay:
-            predictions.append(new[k])
-        if not predictions:
-            raise AssertionError("ensemble: no chunk predicts this step (overlap below the delay)")
-        weights = np.exp(-spec.ensemble_decay * np.arange(len(predictions)))
-        return np.tensordot(weights / weights.sum(), np.stack(predictions), axes=1)
