@@ -483,3 +483,24 @@ def test_controller_refuses_sync_and_rtc_without_torch():
         RealTimeController(GatedPolicy(SimClock(), 0.0), control_hz=10, execution="sync")
     with pytest.raises(ValueError, match="needs a torch policy"):
         RealTimeController(GatedPolicy(SimClock(), 0.0), control_hz=10, execution="rtc")
+
+
+@pytest.mark.needs_data
+def test_realtime_sweep_writes_cells_latency_and_plot(tiny_checkpoint, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["-m", "benchmarks.realtime_sweep", "--ckpt", f"tiny={tiny_checkpoint}", "--delays", "0,2"]
+    args += ["--modes", "sync,async,rtc", "--n-test", "2", "--latency-repeats", "1", "--threads", "1"]
+    proc = run_cli([*args, "--out", str(out), "--plot", str(out / "delay.png")])
+    assert_ok(proc)
+    rows = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["delay"], r["overlap"]) for r in rows] == [
+        ("sync", 0, 0),
+        ("rtc", 0, 7),
+        ("async", 2, 2),
+        ("rtc", 2, 7),
+    ]
+    assert all(r["n_episodes"] == 2 for r in rows)
+    latency = json.loads((out / "latency.json").read_text())["rows"]
+    assert [r["backend"] for r in latency] == ["torch", "torch + rtc guidance", "onnxruntime", "openvino"]
+    assert all(r["ms_b1"] > 0 and r["delay"] == math.ceil(r["ms_b1"] / 100 - 1e-9) for r in latency)
+    assert (out / "delay.png").stat().st_size > 10_000
