@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffusion_policy.common.cli_args import add_checkpoint_and_output_dir, add_overwrite
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.common.errors import CheckpointError, ConfigError, DeviceError, one_line
 
@@ -31,20 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Example: python eval.py -c data/outputs/2025.01.01/12.00.00_train_diffusion_unet_lowdim_"
         "pusht_lowdim/checkpoints/latest.ckpt -o data/eval/pusht_lowdim -d cpu",
     )
-    parser.add_argument(
-        "-c",
-        "--checkpoint",
-        required=True,
-        help="checkpoint file (.ckpt) written by train.py, or with --backend onnxruntime/openvino an export "
-        "directory written by export.py",
-    )
-    parser.add_argument(
-        "-o",
-        "--output_dir",
-        "--output-dir",
-        dest="output_dir",
-        required=True,
-        help="directory for eval_log.json and videos; must be empty or missing unless --overwrite",
+    add_checkpoint_and_output_dir(
+        parser,
+        checkpoint_help="checkpoint file (.ckpt) written by train.py, or with --backend "
+        "onnxruntime/openvino an export directory written by export.py",
+        output_help="directory for eval_log.json and videos; must be empty or missing unless --overwrite",
     )
     parser.add_argument(
         "-d", "--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)"
@@ -97,11 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="inference threads of the onnxruntime / openvino backend (default: the runtime's own choice)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into OUTPUT_DIR even if it is not empty (never prompts)",
-    )
+    add_overwrite(parser, "write into OUTPUT_DIR even if it is not empty (never prompts)")
     return parser.parse_args(argv)
 
 
