@@ -73,9 +73,14 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     )
 
 
-def train_cli(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python train.py *overrides`` writing into ``run_dir``, asserted to succeed; the finished process."""
-    proc = run_cli(["train.py", *overrides, f"hydra.run.dir={run_dir}"], env=env)
+def train_cli(
+    run_dir: Path, zarr: str, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python train.py *overrides`` on the dataset ``zarr``, writing into ``run_dir``, asserted to succeed;
+    the finished process."""
+    proc = run_cli(
+        ["train.py", *overrides, f"task.dataset.zarr_path={zarr}", f"hydra.run.dir={run_dir}"], env=env
+    )
     assert_ok(proc)
     return proc
 

@@ -666,13 +666,7 @@ def test_converted_checkpoint_resumes_training_and_evaluates(pusht_zarr_path, tm
     shutil.copyfile(latest, converted)
     before = load_checkpoint_file(converted)
 
-    proc = train_cli(
-        run_dir,
-        *LOWDIM[1],
-        f"task.dataset.zarr_path={pusht_zarr_path}",
-        "training.resume=True",
-        "training.num_epochs=2",
-    )
+    proc = train_cli(run_dir, pusht_zarr_path, *LOWDIM[1], "training.resume=True", "training.num_epochs=2")
     assert f"at epoch 1 (global step {steps})" in proc.stdout
     after = load_checkpoint_file(latest)
     assert after["state"]["epoch"] == 2 and after["state"]["global_step"] == 2 * steps

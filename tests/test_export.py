@@ -34,7 +34,7 @@ BACKENDS = ("onnxruntime", "openvino")
 
 def train_tiny(tmp_path_factory, zarr: str, name: str, *args: str) -> Path:
     run_dir = tmp_path_factory.mktemp(name) / "run"
-    train_cli(run_dir, *args, f"task.dataset.zarr_path={zarr}", "training.num_epochs=1")
+    train_cli(run_dir, zarr, *args, "training.num_epochs=1")
     return run_dir / "checkpoints" / "latest.ckpt"
 
 

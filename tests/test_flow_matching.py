@@ -303,8 +303,9 @@ def test_flow_resume_after_sigkill_ends_with_identical_weights(flow_run, pusht_z
 )
 def test_image_and_transformer_policies_train_with_flow_matching(config, debug, pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = (f"--config-name={config}", f"debug={debug}", FLOW, "training.num_epochs=1")
-    train_cli(run_dir, *overrides, f"task.dataset.zarr_path={pusht_zarr_path}")
+    train_cli(
+        run_dir, pusht_zarr_path, f"--config-name={config}", f"debug={debug}", FLOW, "training.num_epochs=1"
+    )
     ckpt = run_dir / "checkpoints" / "latest.ckpt"
     out = tmp_path / "eval"
     assert_ok(run_cli(["eval.py", "-c", str(ckpt), "-o", str(out), "-d", "cpu", "--inference-steps", "2"]))

@@ -218,10 +218,10 @@ def test_published_style_image_config_runs_and_evaluates(pusht_zarr_path, tmp_pa
     env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb_config")
     proc = train_cli(
         run_dir,
+        pusht_zarr_path,
         f"--config-dir={FIXTURES}",
         "--config-name=image_pusht_published_tiny",
         "training.device=cpu",
-        f"task.dataset.zarr_path={pusht_zarr_path}",
         env=env,
     )
     assert "no W&B credentials" in proc.stdout + proc.stderr
@@ -240,10 +240,10 @@ def test_unresolved_original_config_with_eval_resolver_runs(pusht_zarr_path, tmp
     run_dir = tmp_path / "unresolved"
     train_cli(
         run_dir,
+        pusht_zarr_path,
         f"--config-dir={FIXTURES}",
         "--config-name=lowdim_unresolved_eval",
         "training.device=cpu",
-        f"task.dataset.zarr_path={pusht_zarr_path}",
     )
     cfg_yaml = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["cfg_yaml"]
     assert "global_cond_dim: 40" in cfg_yaml and "pad_after: 7" in cfg_yaml and "eval:" not in cfg_yaml

@@ -106,9 +106,9 @@ def test_image_dpt_trains_and_evaluates(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "image_dpt"
     train_cli(
         run_dir,
+        pusht_zarr_path,
         f"--config-name={IMAGE_CFG}",
         "debug=smoke_transformer_image",
-        f"task.dataset.zarr_path={pusht_zarr_path}",
         "task.dataset.max_train_episodes=1",
         "dataloader.batch_size=4",
         "val_dataloader.batch_size=4",
@@ -129,13 +129,13 @@ def test_original_unresolved_state_dpt_config_trains(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "unresolved"
     train_cli(
         run_dir,
+        pusht_zarr_path,
         f"--config-dir={FIXTURES}",
         "--config-name=transformer_lowdim_pusht_unresolved",
         *SHRINK_RUN,
         "policy.model.n_layer=1",
         "policy.model.n_head=2",
         "policy.model.n_emb=16",
-        f"task.dataset.zarr_path={pusht_zarr_path}",
     )
     cfg_yaml = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["cfg_yaml"]
     assert "cond_dim: 20" in cfg_yaml and "pad_after: 7" in cfg_yaml and "eval:" not in cfg_yaml
@@ -145,6 +145,7 @@ def test_original_resolved_image_dpt_config_trains(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "resolved"
     train_cli(
         run_dir,
+        pusht_zarr_path,
         f"--config-dir={FIXTURES}",
         "--config-name=transformer_hybrid_pusht_resolved",
         *SHRINK_RUN,
@@ -154,7 +155,6 @@ def test_original_resolved_image_dpt_config_trains(pusht_zarr_path, tmp_path):
         "policy.n_layer=1",
         "policy.n_head=2",
         "policy.n_emb=16",
-        f"task.dataset.zarr_path={pusht_zarr_path}",
     )
     payload = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")
     assert "horizon: 10" in payload["cfg_yaml"]

@@ -422,12 +422,7 @@ def test_policy_construction_errors(overrides, match):
 @pytest.mark.needs_data
 def test_cli_trains_with_rollout_and_checkpoint_then_eval_scores(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "run"
-    train_cli(
-        run_dir,
-        f"--config-name={IMAGE}",
-        "debug=smoke_image",
-        f"task.dataset.zarr_path={pusht_zarr_path}",
-    )
+    train_cli(run_dir, pusht_zarr_path, f"--config-name={IMAGE}", "debug=smoke_image")
     latest = run_dir / "checkpoints" / "latest.ckpt"
     payload = load_checkpoint_file(latest)
     assert payload["state"]["epoch"] == 2  # debug=smoke_image: 2 epochs, each with a rollout
