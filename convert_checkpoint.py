@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffusion_policy.common.cli_args import add_overwrite
 from diffusion_policy.common.errors import CheckpointError, ConfigError, one_line
 
 
@@ -33,9 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("original", metavar="ORIGINAL.ckpt", help="checkpoint written by the original code")
     parser.add_argument("output", metavar="OUT.ckpt", help="where to write the converted checkpoint")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT.ckpt if it exists (default: refuse)"
-    )
+    add_overwrite(parser, "replace OUT.ckpt if it exists (default: refuse)")
     return parser.parse_args(argv)
 
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from diffusion_policy.common.chunk_execution import GUIDANCE_METHODS, MODES, ExecutionSpec
+from diffusion_policy.common.cli_args import add_checkpoint_and_output_dir, add_overwrite
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.common.errors import CheckpointError, ConfigError, DeviceError, one_line
 
@@ -33,20 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Example: python eval.py -c data/outputs/2025.01.01/12.00.00_train_diffusion_unet_lowdim_"
         "pusht_lowdim/checkpoints/latest.ckpt -o data/eval/pusht_lowdim -d cpu",
     )
-    parser.add_argument(
-        "-c",
-        "--checkpoint",
-        required=True,
-        help="checkpoint file (.ckpt) written by train.py, or with --backend onnxruntime/openvino an export "
-        "directory written by export.py",
-    )
-    parser.add_argument(
-        "-o",
-        "--output_dir",
-        "--output-dir",
-        dest="output_dir",
-        required=True,
-        help="directory for eval_log.json and videos; must be empty or missing unless --overwrite",
+    add_checkpoint_and_output_dir(
+        parser,
+        checkpoint_help="checkpoint file (.ckpt) written by train.py, or with --backend "
+        "onnxruntime/openvino an export directory written by export.py",
+        output_help="directory for eval_log.json and videos; must be empty or missing unless --overwrite",
     )
     parser.add_argument(
         "-d", "--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)"
@@ -132,11 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rtc only: guidance (RTC's gradient guidance of the denoised estimate, default) or inpaint "
         "(soft inpainting along the sampling path, no gradients)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into OUTPUT_DIR even if it is not empty (never prompts)",
-    )
+    add_overwrite(parser, "write into OUTPUT_DIR even if it is not empty (never prompts)")
     return parser.parse_args(argv)
 
 

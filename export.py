@@ -17,6 +17,8 @@ import importlib.util
 import os
 import sys
 
+from diffusion_policy.common.cli_args import add_checkpoint_and_output_dir, add_overwrite
+
 INSTALL_HINT = 'pip install -e ".[export]"  (onnx, onnxruntime, openvino)'
 
 
@@ -30,16 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or score it with eval.py -c DIR --backend openvino|onnxruntime.",
         epilog="Example: python export.py -c data/outputs/run/checkpoints/latest.ckpt -o data/export/run",
     )
-    parser.add_argument(
-        "-c", "--checkpoint", required=True, help="checkpoint file (.ckpt) written by train.py"
-    )
-    parser.add_argument(
-        "-o",
-        "--output-dir",
-        "--output_dir",
-        dest="output_dir",
-        required=True,
-        help="export directory to create (written to a temporary directory, then renamed into place)",
+    add_checkpoint_and_output_dir(
+        parser,
+        checkpoint_help="checkpoint file (.ckpt) written by train.py",
+        output_help="export directory to create (written to a temporary directory, then renamed into place)",
     )
     parser.add_argument(
         "--format",
@@ -48,11 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FMT",
         help="what to write: onnx, openvino or both (default: both; OpenVINO IR is converted from ONNX)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUTPUT_DIR if it holds a previous export (never anything else)",
-    )
+    add_overwrite(parser, "replace OUTPUT_DIR if it holds a previous export (never anything else)")
     return parser.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffusion_policy.common.cli_args import add_overwrite
 from diffusion_policy.dataset.importers.writer import (
     SourceError,
     shape_meta_of,
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="K",
         help="action dataset / feature (default: robomimic 'actions', LeRobot 'action')",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
+    add_overwrite(parser, "replace OUT.zarr if it exists")
     parser.add_argument(
         "--describe", action="store_true", help="print the shape_meta of SRC, an existing ReplayBuffer zarr"
     )

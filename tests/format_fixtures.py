@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import h5py
@@ -128,27 +129,39 @@ def _frame_table(episodes: list[dict], first_index: int = 0, first_episode: int 
     return pa.table({k: pa.array(v, type=types.get(k, pa.int64())) for k, v in cols.items()})
 
 
-def write_lerobot_v3(root: Path, episodes: list[dict], video_frames: list[np.ndarray] | None = None) -> None:
-    """``video_frames`` (per episode) replaces the episodes' images in the mp4, e.g. to cut a video short."""
+def _write_info(root: Path, episodes: list[dict], version: str, **layout: Any) -> list[int]:
+    """``meta/info.json`` of a LeRobot ``version`` dataset of ``episodes``, with that version's ``layout``
+    fields (file paths and sizes); returns the episode lengths."""
     h, w = episodes[0]["image"].shape[1:3]
     lengths = [len(ep["action"]) for ep in episodes]
-    (root / "meta").mkdir(parents=True, exist_ok=True)
     info = {
-        "codebase_version": "v3.0",
+        "codebase_version": version,
         "robot_type": "pusht",
         "total_episodes": len(episodes),
         "total_frames": sum(lengths),
         "total_tasks": 1,
         "chunks_size": 1000,
-        "data_files_size_in_mb": 100,
-        "video_files_size_in_mb": 500,
         "fps": FPS,
         "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+        **layout,
         "features": _features(h, w),
     }
+    (root / "meta").mkdir(parents=True, exist_ok=True)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    return lengths
+
+
+def write_lerobot_v3(root: Path, episodes: list[dict], video_frames: list[np.ndarray] | None = None) -> None:
+    """``video_frames`` (per episode) replaces the episodes' images in the mp4, e.g. to cut a video short."""
+    lengths = _write_info(
+        root,
+        episodes,
+        "v3.0",
+        data_files_size_in_mb=100,
+        video_files_size_in_mb=500,
+        data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+    )
     pq.write_table(
         pa.table({"task_index": [0], "task": ["Push the T onto the target"]}), root / "meta" / "tasks.parquet"
     )
@@ -177,25 +190,15 @@ def write_lerobot_v3(root: Path, episodes: list[dict], video_frames: list[np.nda
 
 
 def write_lerobot_v21(root: Path, episodes: list[dict]) -> None:
-    h, w = episodes[0]["image"].shape[1:3]
-    lengths = [len(ep["action"]) for ep in episodes]
-    (root / "meta").mkdir(parents=True, exist_ok=True)
-    info = {
-        "codebase_version": "v2.1",
-        "robot_type": "pusht",
-        "total_episodes": len(episodes),
-        "total_frames": sum(lengths),
-        "total_tasks": 1,
-        "total_videos": len(episodes),
-        "total_chunks": 1,
-        "chunks_size": 1000,
-        "fps": FPS,
-        "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
-        "features": _features(h, w),
-    }
-    (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    lengths = _write_info(
+        root,
+        episodes,
+        "v2.1",
+        total_videos=len(episodes),
+        total_chunks=1,
+        data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        video_path="videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+    )
     lines = [
         json.dumps({"episode_index": i, "tasks": ["Push the T"], "length": n}) for i, n in enumerate(lengths)
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -70,6 +71,26 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     )
+
+
+def train_cli(
+    run_dir: Path, zarr: str, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python train.py *overrides`` on the dataset ``zarr``, writing into ``run_dir``, asserted to succeed;
+    the finished process."""
+    proc = run_cli(
+        ["train.py", *overrides, f"task.dataset.zarr_path={zarr}", f"hydra.run.dir={run_dir}"], env=env
+    )
+    assert_ok(proc)
+    return proc
+
+
+def trained_run(tmp_path_factory, name: str, args_for: Callable[[Path], list[str]]) -> Path:
+    """The folder of a finished ``python *args_for(run_dir)`` run in a fresh temporary folder (module-scoped
+    fixtures train once and share the run)."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    assert_ok(run_cli(args_for(run_dir)))
+    return run_dir
 
 
 def assert_one_line_error(

@@ -7,13 +7,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.common.hold_point import HOLD_AT_EPOCH, HOLD_DIR, held_marker
-from tests.helpers import ENV, start_cli
+from tests.helpers import ENV, assert_ok, run_cli, start_cli
 
 HOLD_EPOCH = 2  # of the 4-epoch runs: after a checkpoint epoch without a rollout (1) and one with (0)
 
@@ -45,6 +46,15 @@ def sigkill_while_held(args: list[str], run_dir: Path) -> int:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     return int(load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["state"]["epoch"])
+
+
+def kill_then_resume(args_for: Callable[..., list[str]], run_dir: Path) -> Path:
+    """SIGKILLs the run ``python *args_for(run_dir)`` while held at ``HOLD_EPOCH``, resumes it to its end with
+    ``args_for(run_dir, "training.resume=True")``; its latest checkpoint."""
+    killed_at = sigkill_while_held(args_for(run_dir), run_dir)
+    assert killed_at == HOLD_EPOCH, "killed while held, after the previous epoch's checkpoint"
+    assert_ok(run_cli(args_for(run_dir, "training.resume=True")))
+    return run_dir / "checkpoints" / "latest.ckpt"
 
 
 def assert_same_training_state(reference_ckpt: Path, resumed_ckpt: Path) -> None:

@@ -45,7 +45,13 @@ from diffusion_policy.common.normalize_util import get_image_range_normalizer
 from diffusion_policy.model.common.lr_scheduler import get_scheduler
 from diffusion_policy.model.common.normalizer import LinearNormalizer
 from diffusion_policy.workspace.base_workspace import load_policy
-from tests.helpers import ENV, assert_ok, load_script, run_cli
+from tests.helpers import (
+    ENV,
+    assert_ok,
+    load_script,
+    run_cli,
+    train_cli,
+)
 from tests.helpers import assert_one_line_error as one_line_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -660,17 +666,7 @@ def test_converted_checkpoint_resumes_training_and_evaluates(pusht_zarr_path, tm
     shutil.copyfile(latest, converted)
     before = load_checkpoint_file(converted)
 
-    proc = run_cli(
-        [
-            "train.py",
-            *LOWDIM[1],
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            f"hydra.run.dir={run_dir}",
-            "training.resume=True",
-            "training.num_epochs=2",
-        ]
-    )
-    assert_ok(proc)
+    proc = train_cli(run_dir, pusht_zarr_path, *LOWDIM[1], "training.resume=True", "training.num_epochs=2")
     assert f"at epoch 1 (global step {steps})" in proc.stdout
     after = load_checkpoint_file(latest)
     assert after["state"]["epoch"] == 2 and after["state"]["global_step"] == 2 * steps

@@ -20,20 +20,21 @@ from diffusion_policy.deploy.exporter import export_checkpoint, scheduler_tables
 from diffusion_policy.deploy.schedulers import DDIMSampler, DDPMSampler
 from diffusion_policy.policy.samplers import use_sampler
 from diffusion_policy.workspace.base_workspace import load_policy
-from tests.helpers import REPO_ROOT, assert_ok, assert_one_line_error, load_script, run_cli
+from tests.helpers import (
+    REPO_ROOT,
+    assert_ok,
+    assert_one_line_error,
+    load_script,
+    run_cli,
+    train_cli,
+)
 
 BACKENDS = ("onnxruntime", "openvino")
 
 
 def train_tiny(tmp_path_factory, zarr: str, name: str, *args: str) -> Path:
     run_dir = tmp_path_factory.mktemp(name) / "run"
-    overrides = [
-        *args,
-        f"task.dataset.zarr_path={zarr}",
-        "training.num_epochs=1",
-        f"hydra.run.dir={run_dir}",
-    ]
-    assert_ok(run_cli(["train.py", *overrides]))
+    train_cli(run_dir, zarr, *args, "training.num_epochs=1")
     return run_dir / "checkpoints" / "latest.ckpt"
 
 
@@ -179,32 +180,29 @@ def test_state_unet_export_matches_torch_ddim(state_ckpt, state_export):
     check_ddim_parity(state_ckpt, state_export)
 
 
+# family: (root config, debug preset, what its manifest must say)
+EXPORTED_FAMILIES = {
+    "image_unet": (
+        "train_diffusion_unet_hybrid_workspace",
+        "smoke_image",
+        lambda m: m["obs_type"] == "image" and set(m["graphs"]) == {"denoiser", "obs_encoder"},
+    ),
+    "transformer": (
+        "train_diffusion_transformer_lowdim_pusht_workspace",
+        "smoke_transformer",
+        lambda m: m["conditioning"] == "cond",
+    ),
+}
+
+
 @pytest.mark.needs_data
-def test_image_unet_export_matches_torch_ddim(tmp_path_factory, pusht_zarr_path):
-    ckpt = train_tiny(
-        tmp_path_factory,
-        pusht_zarr_path,
-        "image",
-        "--config-name=train_diffusion_unet_hybrid_workspace",
-        "debug=smoke_image",
-    )
-    export_dir = export_tiny(tmp_path_factory, ckpt, "image")
+@pytest.mark.parametrize("family", EXPORTED_FAMILIES)
+def test_export_matches_torch_ddim(family, tmp_path_factory, pusht_zarr_path):
+    config, debug, manifest_ok = EXPORTED_FAMILIES[family]
+    ckpt = train_tiny(tmp_path_factory, pusht_zarr_path, family, f"--config-name={config}", f"debug={debug}")
+    export_dir = export_tiny(tmp_path_factory, ckpt, family)
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    assert manifest["obs_type"] == "image" and set(manifest["graphs"]) == {"denoiser", "obs_encoder"}
-    check_ddim_parity(ckpt, export_dir)
-
-
-@pytest.mark.needs_data
-def test_transformer_export_matches_torch_ddim(tmp_path_factory, pusht_zarr_path):
-    ckpt = train_tiny(
-        tmp_path_factory,
-        pusht_zarr_path,
-        "transformer",
-        "--config-name=train_diffusion_transformer_lowdim_pusht_workspace",
-        "debug=smoke_transformer",
-    )
-    export_dir = export_tiny(tmp_path_factory, ckpt, "transformer")
-    assert json.loads((export_dir / "manifest.json").read_text())["conditioning"] == "cond"
+    assert manifest_ok(manifest), {k: manifest.get(k) for k in ("obs_type", "graphs", "conditioning")}
     check_ddim_parity(ckpt, export_dir)
 
 

@@ -4,6 +4,7 @@ at several step counts, resumed and exported with ``policy/noise_scheduler=flow_
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -26,8 +27,10 @@ from tests.helpers import (
     evaluate_in_process,
     lowdim_args,
     run_cli,
+    train_cli,
+    trained_run,
 )
-from tests.resume_check import HOLD_EPOCH, assert_same_training_state, sigkill_while_held
+from tests.resume_check import assert_same_training_state, kill_then_resume
 
 FLOW = "policy/noise_scheduler=flow_matching"
 SOLVERS = ("euler", "midpoint", "heun")
@@ -238,9 +241,7 @@ def flow_args(zarr: str, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory, pusht_zarr_path) -> Path:
-    run_dir = tmp_path_factory.mktemp("flow") / "run"
-    assert_ok(run_cli(flow_args(pusht_zarr_path, run_dir)))
-    return run_dir
+    return trained_run(tmp_path_factory, "flow", functools.partial(flow_args, pusht_zarr_path))
 
 
 @pytest.mark.needs_data
@@ -288,13 +289,8 @@ def test_flow_select_action_and_sampler_switching(flow_run):
 
 @pytest.mark.needs_data
 def test_flow_resume_after_sigkill_ends_with_identical_weights(flow_run, pusht_zarr_path, tmp_path):
-    run_dir = tmp_path / "killed"
-    killed_at = sigkill_while_held(flow_args(pusht_zarr_path, run_dir), run_dir)
-    assert killed_at == HOLD_EPOCH, "killed while held, after the previous epoch's checkpoint"
-    assert_ok(run_cli(flow_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    assert_same_training_state(
-        flow_run / "checkpoints" / "latest.ckpt", run_dir / "checkpoints" / "latest.ckpt"
-    )
+    resumed = kill_then_resume(functools.partial(flow_args, pusht_zarr_path), tmp_path / "killed")
+    assert_same_training_state(flow_run / "checkpoints" / "latest.ckpt", resumed)
 
 
 @pytest.mark.needs_data
@@ -307,16 +303,9 @@ def test_flow_resume_after_sigkill_ends_with_identical_weights(flow_run, pusht_z
 )
 def test_image_and_transformer_policies_train_with_flow_matching(config, debug, pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "run"
-    args = [
-        "train.py",
-        f"--config-name={config}",
-        f"debug={debug}",
-        FLOW,
-        f"task.dataset.zarr_path={pusht_zarr_path}",
-        "training.num_epochs=1",
-        f"hydra.run.dir={run_dir}",
-    ]
-    assert_ok(run_cli(args))
+    train_cli(
+        run_dir, pusht_zarr_path, f"--config-name={config}", f"debug={debug}", FLOW, "training.num_epochs=1"
+    )
     ckpt = run_dir / "checkpoints" / "latest.ckpt"
     out = tmp_path / "eval"
     assert_ok(run_cli(["eval.py", "-c", str(ckpt), "-o", str(out), "-d", "cpu", "--inference-steps", "2"]))

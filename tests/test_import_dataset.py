@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -172,33 +173,39 @@ def test_existing_output_needs_overwrite(robomimic_file, tmp_path):
 
 
 # ---------------------------------------------------------------- malformed and partial sources
-@pytest.mark.needs_data
-def test_robomimic_missing_obs_key(robomimic_file, tmp_path):
-    bad = tmp_path / "missing_key.hdf5"
-    bad.write_bytes(robomimic_file.read_bytes())
+def _without_an_obs_key(bad: Path, good: Callable[[], Path]) -> str:
+    bad.write_bytes(good().read_bytes())
     with h5py.File(bad, "a") as f:
         del f["data/demo_2/obs/agent_pos"]
-    out = tmp_path / "o.zarr"
-    proc = run_import("--format", "robomimic", str(bad), "-o", str(out))
-    assert_one_line_exit_2(proc, out, "data/demo_2/obs/agent_pos is missing")
+    return "data/demo_2/obs/agent_pos is missing"
 
 
-@pytest.mark.needs_data
-def test_robomimic_truncated_file(robomimic_file, tmp_path):
-    bad = tmp_path / "truncated.hdf5"
-    data = robomimic_file.read_bytes()
+def _truncated(bad: Path, good: Callable[[], Path]) -> str:
+    data = good().read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    out = tmp_path / "o.zarr"
-    proc = run_import("--format", "robomimic", str(bad), "-o", str(out))
-    assert_one_line_exit_2(proc, out, str(bad))
+    return str(bad)
 
 
-def test_robomimic_not_hdf5(tmp_path):
-    bad = tmp_path / "notes.hdf5"
+def _not_hdf5(bad: Path, good: Callable[[], Path]) -> str:
     bad.write_text("not an hdf5 file\n")
+    return "not a readable HDF5 file"
+
+
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        pytest.param(_without_an_obs_key, marks=pytest.mark.needs_data, id="missing_obs_key"),
+        pytest.param(_truncated, marks=pytest.mark.needs_data, id="truncated_file"),
+        pytest.param(_not_hdf5, id="not_hdf5"),
+    ],
+)
+def test_robomimic_bad_source_is_one_line_exit_2(make_bad, request, tmp_path):
+    """``make_bad`` writes the bad file (from the good one, built only when it needs it: that needs the
+    PushT data) and returns what the error line must name."""
+    bad = tmp_path / "bad.hdf5"
+    needle = make_bad(bad, lambda: request.getfixturevalue("robomimic_file"))
     out = tmp_path / "o.zarr"
-    proc = run_import("--format", "robomimic", str(bad), "-o", str(out))
-    assert_one_line_exit_2(proc, out, "not a readable HDF5 file")
+    assert_one_line_exit_2(run_import("--format", "robomimic", str(bad), "-o", str(out)), out, needle)
 
 
 @pytest.mark.needs_data

@@ -16,11 +16,13 @@ from tests.policy_helpers import (
     SHAPE_META,
     TA,
     TO,
+    assert_image_policy_learns,
+    assert_training_lowers_loss,
     count_model_calls,
     ddim,
     ddpm,
-    fixed_noise_loss,
     real_batch,
+    seeded_policy,
 )
 
 NORMALIZER_MSG = r"call set_normalizer\(dataset.get_normalizer\(\)\) first"
@@ -81,9 +83,7 @@ def image_policy(scheduler=None, num_inference_steps: int = 4, **overrides):
 @pytest.mark.parametrize("mode", ["global", "local", "inpaint"])
 def test_lowdim_predict_action_shapes(lowdim_data, mode):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy(mode).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(lowdim_policy, normalizer, mode).eval()
     batch = real_batch(dataset, [0, 500, 5000])
     result = policy.predict_action({"obs": batch["obs"][:, :TO]})
     assert result["action"].shape == (3, TA, 2)
@@ -100,9 +100,10 @@ def test_lowdim_predict_action_shapes(lowdim_data, mode):
 @pytest.mark.needs_data
 def test_image_predict_action_shapes_and_generator(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = image_policy().eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(
+        image_policy,
+        normalizer,
+    ).eval()
     batch = real_batch(dataset, [0, 40, 120])
     obs = {k: v[:, :TO] for k, v in batch["obs"].items()}
     assert obs["image"].shape == (3, TO, 3, 96, 96)
@@ -120,54 +121,25 @@ def test_image_predict_action_shapes_and_generator(image_data):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_lowdim_loss_goes_down_on_real_batches(lowdim_data, prediction_type):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy("global", scheduler=ddpm(prediction_type))
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(lowdim_policy, normalizer, "global", scheduler=ddpm(prediction_type))
     batches = [real_batch(dataset, range(start, start + 32)) for start in (0, 3000, 7000)]
-    before = fixed_noise_loss(policy, batches)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    for step in range(25):
-        loss = policy.compute_loss(batches[step % len(batches)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = fixed_noise_loss(policy, batches)
-    print(f"lowdim {prediction_type}: fixed-noise loss {before:.3f} -> {after:.3f}")
-    assert after < 0.6 * before, (before, after)
+    assert_training_lowers_loss(policy, batches, optimizer, 25, 0.6, f"lowdim {prediction_type}")
 
 
 @pytest.mark.needs_data
 def test_image_loss_goes_down_on_real_batches(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = image_policy()
-    policy.set_normalizer(normalizer)
-    batches = [real_batch(dataset, [0, 29, 58, 87]), real_batch(dataset, [116, 145, 174, 203])]
-    before = fixed_noise_loss(policy, batches)
-    # every parameter trains, encoder included; steps are few because ResNet-18 backward dominates on CPU
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3)
-    for step in range(16):
-        loss = policy.compute_loss(batches[step % len(batches)])
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 0:
-            grads = [p.grad for p in policy.obs_encoder.parameters()]
-            assert all(g is not None and torch.isfinite(g).all() for g in grads)
-            assert any(g.abs().sum() > 0 for g in grads)  # gradients reach the image encoder
-        optimizer.step()
-    after = fixed_noise_loss(policy, batches)
-    # paired comparison (same noise, timesteps and crops), so a 15% drop is a real signal
-    print(f"image: fixed-noise loss {before:.3f} -> {after:.3f}")
-    assert after < 0.85 * before, (before, after)
+    assert_image_policy_learns(seeded_policy(image_policy, normalizer), dataset, "image")
 
 
 # ---------------- scheduler swap ----------------
 @pytest.mark.needs_data
 def test_ddpm_and_ddim_swap_by_passing_a_scheduler(lowdim_data):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    trained = lowdim_policy("global", scheduler=ddpm(), num_inference_steps=None)  # defaults to 100 steps
-    trained.set_normalizer(normalizer)
+    trained = seeded_policy(
+        lowdim_policy, normalizer, "global", scheduler=ddpm(), num_inference_steps=None
+    )  # defaults to 100 steps
     obs = {"obs": real_batch(dataset, [10, 20])["obs"][:, :TO]}
 
     variants = {
@@ -196,9 +168,9 @@ def test_ddpm_and_ddim_swap_by_passing_a_scheduler(lowdim_data):
 @pytest.mark.needs_data
 def test_use_sampler_swaps_a_built_policy_in_place(lowdim_data):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy("global", scheduler=ddim(), num_inference_steps=8, eta=1.0)
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(
+        lowdim_policy, normalizer, "global", scheduler=ddim(), num_inference_steps=8, eta=1.0
+    )
     policy.eval()
     obs = {"obs": real_batch(dataset, [10, 20])["obs"][:, :TO]}
     reference = lowdim_policy("global", scheduler=ddpm(), num_inference_steps=None)
@@ -229,9 +201,7 @@ def test_use_sampler_swaps_a_built_policy_in_place(lowdim_data):
 @pytest.mark.needs_data
 def test_lowdim_select_action_loop_replans_every_n_action_steps(lowdim_data):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy("global").eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(lowdim_policy, normalizer, "global").eval()
     episode_obs = dataset[100]["obs"].numpy().astype(np.float64)  # (16, 20) like PushTKeypointsEnv steps
 
     plans, inputs = [], []
@@ -264,9 +234,7 @@ def test_lowdim_select_action_loop_replans_every_n_action_steps(lowdim_data):
 @pytest.mark.needs_data
 def test_image_select_action_with_env_shaped_observations(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = image_policy(num_inference_steps=2).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(image_policy, normalizer, num_inference_steps=2).eval()
     sample = dataset[50]
     frame = sample["obs"]["image"][0].numpy()  # (3, 96, 96) float32 in [0, 1], as PushTImageEnv renders
     calls = count_model_calls(policy)
@@ -285,9 +253,7 @@ def test_image_select_action_with_env_shaped_observations(image_data):
 @pytest.mark.needs_data
 def test_image_state_dict_round_trip(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = image_policy(num_inference_steps=2).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(image_policy, normalizer, num_inference_steps=2).eval()
     obs = {k: v[:, :TO] for k, v in real_batch(dataset, [5])["obs"].items()}
     expected = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))["action"]
     fresh = image_policy(num_inference_steps=2).eval()

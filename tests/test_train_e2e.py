@@ -5,6 +5,7 @@ One state-based run (module fixture) is shared by the eval, resume and bad-check
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ from tests.helpers import (
     lowdim_args,
     run_cli,
     run_clis_side_by_side,
+    train_cli,
+    trained_run,
 )
 
 
@@ -38,9 +41,7 @@ def model_state(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def lowdim_run(tmp_path_factory, pusht_zarr_path) -> Path:
-    run_dir = tmp_path_factory.mktemp("lowdim") / "run"
-    assert_ok(run_cli(lowdim_args(pusht_zarr_path, run_dir)))
-    return run_dir
+    return trained_run(tmp_path_factory, "lowdim", functools.partial(lowdim_args, pusht_zarr_path))
 
 
 # ----------------------------------------------------------------------------- state training + eval
@@ -196,14 +197,10 @@ def test_eval_help_does_not_need_input():
 # ----------------------------------------------------------------------------- resume
 @pytest.mark.needs_data
 def test_resume_after_sigkill_ends_with_identical_weights(lowdim_run, pusht_zarr_path, tmp_path):
-    from tests.resume_check import HOLD_EPOCH, assert_same_training_state, sigkill_while_held
+    from tests.resume_check import assert_same_training_state, kill_then_resume
 
     run_dir = tmp_path / "killed"
-    killed_at = sigkill_while_held(lowdim_args(pusht_zarr_path, run_dir), run_dir)
-    assert killed_at == HOLD_EPOCH, "killed while held, after the previous epoch's checkpoint"
-
-    assert_ok(run_cli(lowdim_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    latest = run_dir / "checkpoints" / "latest.ckpt"
+    latest = kill_then_resume(functools.partial(lowdim_args, pusht_zarr_path), run_dir)
     assert load_checkpoint_file(latest)["state"]["epoch"] == N_EPOCHS, (
         "resume trains to num_epochs in total, not num_epochs more"
     )
@@ -219,18 +216,14 @@ def test_published_style_image_config_runs_and_evaluates(pusht_zarr_path, tmp_pa
     env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}  # the config asks for online W&B
     env["WANDB_API_KEY"] = ""
     env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb_config")
-    proc = run_cli(
-        [
-            "train.py",
-            f"--config-dir={FIXTURES}",
-            "--config-name=image_pusht_published_tiny",
-            "training.device=cpu",
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            f"hydra.run.dir={run_dir}",
-        ],
+    proc = train_cli(
+        run_dir,
+        pusht_zarr_path,
+        f"--config-dir={FIXTURES}",
+        "--config-name=image_pusht_published_tiny",
+        "training.device=cpu",
         env=env,
     )
-    assert_ok(proc)
     assert "no W&B credentials" in proc.stdout + proc.stderr
     assert list((run_dir / "wandb").glob("offline-run-*")), "online without credentials falls back to offline"
     assert (run_dir / "checkpoints" / "latest.ckpt").is_file()
@@ -245,17 +238,13 @@ def test_published_style_image_config_runs_and_evaluates(pusht_zarr_path, tmp_pa
 @pytest.mark.needs_data
 def test_unresolved_original_config_with_eval_resolver_runs(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "unresolved"
-    proc = run_cli(
-        [
-            "train.py",
-            f"--config-dir={FIXTURES}",
-            "--config-name=lowdim_unresolved_eval",
-            "training.device=cpu",
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            f"hydra.run.dir={run_dir}",
-        ]
+    train_cli(
+        run_dir,
+        pusht_zarr_path,
+        f"--config-dir={FIXTURES}",
+        "--config-name=lowdim_unresolved_eval",
+        "training.device=cpu",
     )
-    assert_ok(proc)
     cfg_yaml = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["cfg_yaml"]
     assert "global_cond_dim: 40" in cfg_yaml and "pad_after: 7" in cfg_yaml and "eval:" not in cfg_yaml
 

@@ -21,12 +21,13 @@ from tests.policy_helpers import (
     SHAPE_META,
     TA,
     TO,
+    assert_training_lowers_loss,
     ddim,
     ddpm,
-    fixed_noise_loss,
     n_params,
     pusht_data,
     real_batch,
+    seeded_policy,
 )
 
 STATE = "train_diffusion_transformer_lowdim_pusht_workspace"
@@ -255,9 +256,7 @@ def test_policy_optimizers_have_the_original_groups():
 @pytest.mark.parametrize("obs_as_cond", [True, False], ids=["cond", "inpaint"])
 def test_lowdim_predict_action_shapes(lowdim_data, obs_as_cond):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy(obs_as_cond=obs_as_cond).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(lowdim_policy, normalizer, obs_as_cond=obs_as_cond).eval()
     batch = real_batch(dataset, [0, 500, 5000])
     result = policy.predict_action({"obs": batch["obs"][:, :TO]}, generator=torch.Generator().manual_seed(1))
     assert result["action"].shape == (3, TA, 2) and result["action_pred"].shape == (3, HORIZON, 2)
@@ -298,20 +297,10 @@ def test_lowdim_pred_action_steps_only(lowdim_data):
 @pytest.mark.needs_data
 def test_lowdim_loss_goes_down_and_ddim_swap(lowdim_data):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy(num_inference_steps=None)
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(lowdim_policy, normalizer, num_inference_steps=None)
     batches = [real_batch(dataset, range(start, start + 32)) for start in (0, 3000, 7000)]
-    before = fixed_noise_loss(policy, batches)
     optimizer = policy.get_optimizer(weight_decay=1e-3, learning_rate=1e-3, betas=(0.9, 0.95))
-    for step in range(30):
-        loss = policy.compute_loss(batches[step % len(batches)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = fixed_noise_loss(policy, batches)
-    print(f"DP-T lowdim: fixed-noise loss {before:.3f} -> {after:.3f}")
-    assert after < 0.6 * before, (before, after)
+    assert_training_lowers_loss(policy, batches, optimizer, 30, 0.6, "DP-T lowdim")
 
     policy.eval()
     assert sampler_label(policy) == "DDPMScheduler-100"
@@ -327,9 +316,7 @@ def test_lowdim_loss_goes_down_and_ddim_swap(lowdim_data):
 @pytest.mark.needs_data
 def test_lowdim_select_action_replans_every_n_action_steps(lowdim_data):
     dataset, normalizer = lowdim_data
-    torch.manual_seed(0)
-    policy = lowdim_policy(scheduler=ddim(), num_inference_steps=2).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(lowdim_policy, normalizer, scheduler=ddim(), num_inference_steps=2).eval()
     episode_obs = dataset[100]["obs"].numpy().astype(np.float64)
     calls = []
     policy.model.register_forward_hook(lambda *_: calls.append(1))
@@ -343,25 +330,17 @@ def test_lowdim_select_action_replans_every_n_action_steps(lowdim_data):
 @pytest.mark.needs_data
 def test_image_policy_predicts_trains_and_steps_online(image_data_h10):
     dataset, normalizer = image_data_h10
-    torch.manual_seed(0)
-    policy = image_policy()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(image_policy, normalizer)
     batches = [real_batch(dataset, [0, 29, 58, 87]), real_batch(dataset, [100, 125, 150, 175])]
     assert batches[0]["obs"]["image"].shape == (4, TO, 3, 96, 96)  # only the encoded frames are loaded
-    before = fixed_noise_loss(policy, batches)
     optimizer = policy.get_optimizer(
         transformer_weight_decay=1e-3, obs_encoder_weight_decay=1e-6, learning_rate=2e-3, betas=(0.9, 0.95)
     )
-    for step in range(12):
-        loss = policy.compute_loss(batches[step % 2])
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 0:
-            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.obs_encoder.parameters())
-        optimizer.step()
-    after = fixed_noise_loss(policy, batches)
-    print(f"DP-T image: fixed-noise loss {before:.3f} -> {after:.3f}")
-    assert after < 0.85 * before, (before, after)
+
+    def reach_encoder():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.obs_encoder.parameters())
+
+    assert_training_lowers_loss(policy, batches, optimizer, 12, 0.85, "DP-T image", reach_encoder)
 
     policy.eval()
     obs = {k: v[:, :TO] for k, v in batches[0]["obs"].items()}

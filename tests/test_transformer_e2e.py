@@ -3,6 +3,7 @@ a confidence interval), resume after SIGKILL, and the original's own DP-T config
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -10,8 +11,16 @@ import pytest
 
 from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.common.json_logger import read_json_log
-from tests.helpers import FIXTURES, assert_ok, assert_one_line_error, evaluate_in_process, run_cli
-from tests.resume_check import HOLD_EPOCH, assert_same_training_state, sigkill_while_held
+from tests.helpers import (
+    FIXTURES,
+    assert_ok,
+    assert_one_line_error,
+    evaluate_in_process,
+    run_cli,
+    train_cli,
+    trained_run,
+)
+from tests.resume_check import assert_same_training_state, kill_then_resume
 
 pytestmark = pytest.mark.needs_data
 
@@ -55,9 +64,7 @@ def state_args(zarr: str, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dpt_run(tmp_path_factory, pusht_zarr_path) -> Path:
-    run_dir = tmp_path_factory.mktemp("dpt") / "run"
-    assert_ok(run_cli(state_args(pusht_zarr_path, run_dir)))
-    return run_dir
+    return trained_run(tmp_path_factory, "dpt", functools.partial(state_args, pusht_zarr_path))
 
 
 def test_state_dpt_trains_and_eval_reports_a_confidence_interval(dpt_run, tmp_path):
@@ -91,29 +98,21 @@ def test_state_dpt_trains_and_eval_reports_a_confidence_interval(dpt_run, tmp_pa
 
 
 def test_state_dpt_resume_after_sigkill_ends_with_identical_weights(dpt_run, pusht_zarr_path, tmp_path):
-    run_dir = tmp_path / "killed"
-    killed_at = sigkill_while_held(state_args(pusht_zarr_path, run_dir), run_dir)
-    assert killed_at == HOLD_EPOCH, "killed while held, after the previous epoch's checkpoint"
-    assert_ok(run_cli(state_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    reference = dpt_run / "checkpoints" / "latest.ckpt"
-    assert_same_training_state(reference, run_dir / "checkpoints" / "latest.ckpt")
+    resumed = kill_then_resume(functools.partial(state_args, pusht_zarr_path), tmp_path / "killed")
+    assert_same_training_state(dpt_run / "checkpoints" / "latest.ckpt", resumed)
 
 
 def test_image_dpt_trains_and_evaluates(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "image_dpt"
-    proc = run_cli(
-        [
-            "train.py",
-            f"--config-name={IMAGE_CFG}",
-            "debug=smoke_transformer_image",
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            "task.dataset.max_train_episodes=1",
-            "dataloader.batch_size=4",
-            "val_dataloader.batch_size=4",
-            f"hydra.run.dir={run_dir}",
-        ]
+    train_cli(
+        run_dir,
+        pusht_zarr_path,
+        f"--config-name={IMAGE_CFG}",
+        "debug=smoke_transformer_image",
+        "task.dataset.max_train_episodes=1",
+        "dataloader.batch_size=4",
+        "val_dataloader.batch_size=4",
     )
-    assert_ok(proc)
     payload = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")
     groups = payload["state_dicts"]["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [1e-3, 0.0, 1e-6], "transformer decay, no decay, encoder"
@@ -128,43 +127,35 @@ def test_image_dpt_trains_and_evaluates(pusht_zarr_path, tmp_path):
 
 def test_original_unresolved_state_dpt_config_trains(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "unresolved"
-    proc = run_cli(
-        [
-            "train.py",
-            f"--config-dir={FIXTURES}",
-            "--config-name=transformer_lowdim_pusht_unresolved",
-            *SHRINK_RUN,
-            "policy.model.n_layer=1",
-            "policy.model.n_head=2",
-            "policy.model.n_emb=16",
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            f"hydra.run.dir={run_dir}",
-        ]
+    train_cli(
+        run_dir,
+        pusht_zarr_path,
+        f"--config-dir={FIXTURES}",
+        "--config-name=transformer_lowdim_pusht_unresolved",
+        *SHRINK_RUN,
+        "policy.model.n_layer=1",
+        "policy.model.n_head=2",
+        "policy.model.n_emb=16",
     )
-    assert_ok(proc)
     cfg_yaml = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["cfg_yaml"]
     assert "cond_dim: 20" in cfg_yaml and "pad_after: 7" in cfg_yaml and "eval:" not in cfg_yaml
 
 
 def test_original_resolved_image_dpt_config_trains(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "resolved"
-    proc = run_cli(
-        [
-            "train.py",
-            f"--config-dir={FIXTURES}",
-            "--config-name=transformer_hybrid_pusht_resolved",
-            *SHRINK_RUN,
-            "dataloader.batch_size=4",
-            "val_dataloader.batch_size=4",
-            "task.dataset.max_train_episodes=1",
-            "policy.n_layer=1",
-            "policy.n_head=2",
-            "policy.n_emb=16",
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            f"hydra.run.dir={run_dir}",
-        ]
+    train_cli(
+        run_dir,
+        pusht_zarr_path,
+        f"--config-dir={FIXTURES}",
+        "--config-name=transformer_hybrid_pusht_resolved",
+        *SHRINK_RUN,
+        "dataloader.batch_size=4",
+        "val_dataloader.batch_size=4",
+        "task.dataset.max_train_episodes=1",
+        "policy.n_layer=1",
+        "policy.n_head=2",
+        "policy.n_emb=16",
     )
-    assert_ok(proc)
     payload = load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")
     assert "horizon: 10" in payload["cfg_yaml"]
     assert payload["state_dicts"]["model"]["model.pos_emb"].shape == (1, 10, 16)

@@ -20,18 +20,25 @@ from diffusion_policy.model.vision.multi_image_obs_encoder import MultiImageObsE
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
 from diffusion_policy.policy.diffusion_unet_image_policy import DiffusionUnetImagePolicy
 from diffusion_policy.policy.samplers import sampler_label, use_sampler
-from tests.helpers import assert_ok, compose_config, evaluate_in_process, run_cli
+from tests.helpers import (
+    assert_ok,
+    compose_config,
+    evaluate_in_process,
+    run_cli,
+    train_cli,
+)
 from tests.policy_helpers import (
     HORIZON,
     SHAPE_META,
     TA,
     TO,
+    assert_image_policy_learns,
     count_model_calls,
     ddim,
     ddpm,
-    fixed_noise_loss,
     n_params,
     real_batch,
+    seeded_policy,
 )
 
 IMAGE = "train_diffusion_unet_image_workspace"
@@ -296,9 +303,10 @@ def test_hybrid_is_the_image_policy_with_its_own_encoder():
 @pytest.mark.needs_data
 def test_predict_action_shapes_and_state_dict_keys(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = unet_image_policy().eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(
+        unet_image_policy,
+        normalizer,
+    ).eval()
     keys = list(policy.state_dict())
     assert "obs_encoder.key_model_map.image.conv1.weight" in keys
     assert {k.split(".")[0] for k in keys} == {
@@ -323,9 +331,7 @@ def test_predict_action_shapes_and_state_dict_keys(image_data):
 @pytest.mark.needs_data
 def test_inpainting_mode_predicts_and_trains(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = unet_image_policy(obs_as_global_cond=False, num_inference_steps=2)
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(unet_image_policy, normalizer, obs_as_global_cond=False, num_inference_steps=2)
     assert policy.model.global_cond_dim is None
     batch = real_batch(dataset, [0, 40])
     # inpainting encodes all horizon frames; the dataset (n_obs_steps=2) loads only the first 2 images
@@ -339,34 +345,13 @@ def test_inpainting_mode_predicts_and_trains(image_data):
 @pytest.mark.needs_data
 def test_loss_is_finite_and_goes_down_on_real_batches(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = unet_image_policy()
-    policy.set_normalizer(normalizer)
-    batches = [real_batch(dataset, [0, 29, 58, 87]), real_batch(dataset, [116, 145, 174, 203])]
-    before = fixed_noise_loss(policy, batches)
-    assert np.isfinite(before)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3)
-    for step in range(16):
-        loss = policy.compute_loss(batches[step % len(batches)])
-        assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 0:
-            grads = [p.grad for p in policy.obs_encoder.parameters() if p.numel()]
-            assert all(g is not None and torch.isfinite(g).all() for g in grads)
-            assert any(g.abs().sum() > 0 for g in grads)  # gradients reach the ResNet
-        optimizer.step()
-    after = fixed_noise_loss(policy, batches)
-    print(f"pure-image UNet: fixed-noise loss {before:.3f} -> {after:.3f}")
-    assert after < 0.85 * before, (before, after)
+    assert_image_policy_learns(seeded_policy(unet_image_policy, normalizer), dataset, "pure-image UNet")
 
 
 @pytest.mark.needs_data
 def test_select_action_queues_and_replans(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = unet_image_policy(num_inference_steps=2).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(unet_image_policy, normalizer, num_inference_steps=2).eval()
     sample = dataset[50]
     frames = sample["obs"]["image"].numpy()  # (To, 3, 96, 96) in [0, 1], as PushTImageEnv renders
     positions = sample["obs"]["agent_pos"].numpy().astype(np.float64)  # the env returns float64
@@ -403,9 +388,9 @@ def test_select_action_queues_and_replans(image_data):
 @pytest.mark.needs_data
 def test_use_sampler_swaps_the_scheduler(image_data):
     dataset, normalizer = image_data
-    torch.manual_seed(0)
-    policy = unet_image_policy(scheduler=ddim(), num_inference_steps=2, eta=1.0).eval()
-    policy.set_normalizer(normalizer)
+    policy = seeded_policy(
+        unet_image_policy, normalizer, scheduler=ddim(), num_inference_steps=2, eta=1.0
+    ).eval()
     obs = {k: v[:, :TO] for k, v in real_batch(dataset, [10])["obs"].items()}
     calls = count_model_calls(policy)
     assert use_sampler(policy, "ddpm", 3) == "DDPMScheduler-3" and policy.kwargs == {}
@@ -437,16 +422,7 @@ def test_policy_construction_errors(overrides, match):
 @pytest.mark.needs_data
 def test_cli_trains_with_rollout_and_checkpoint_then_eval_scores(pusht_zarr_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(
-        [
-            "train.py",
-            f"--config-name={IMAGE}",
-            "debug=smoke_image",
-            f"task.dataset.zarr_path={pusht_zarr_path}",
-            f"hydra.run.dir={run_dir}",
-        ]
-    )
-    assert_ok(proc)
+    train_cli(run_dir, pusht_zarr_path, f"--config-name={IMAGE}", "debug=smoke_image")
     latest = run_dir / "checkpoints" / "latest.ckpt"
     payload = load_checkpoint_file(latest)
     assert payload["state"]["epoch"] == 2  # debug=smoke_image: 2 epochs, each with a rollout

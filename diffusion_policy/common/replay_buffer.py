@@ -193,26 +193,18 @@ class ReplayBuffer:
 
     @classmethod
     def copy_from_path(
-        cls,
-        zarr_path: str | os.PathLike,
-        backend: str | None = None,
-        store: Any = None,
-        keys: Sequence[str] | None = None,
-        chunks: ChunkSpec = None,
-        compressors: CompressorSpec = None,
-        if_exists: str = "replace",
-        zarr_format: int = 2,
+        cls, zarr_path: str | os.PathLike, backend: str | None = None, **copy: Any
     ) -> ReplayBuffer:
-        """Like ``copy_from_store`` from a path; ``backend='numpy'`` forces RAM, ``'zarr'`` with
-        ``store=None`` copies into an in-memory zarr store."""
+        """``copy_from_store`` of the store at a path, with its options (``store``, ``keys``, ``chunks``,
+        ``compressors``, ``if_exists``, ``zarr_format``) and defaults; ``backend='numpy'`` forces RAM,
+        ``'zarr'`` with ``store=None`` copies into an in-memory zarr store."""
         if backend not in (None, "numpy", "zarr"):
             raise ValueError(f"backend={backend!r} is unknown; use 'numpy' or 'zarr'")
         if backend == "numpy":
-            store = None
-        elif backend == "zarr" and store is None:
-            store = zarr.storage.MemoryStore()
-        src = cls.create_from_path(zarr_path, mode="r")
-        return src._copy(store, keys, chunks, compressors, if_exists, zarr_format)
+            copy["store"] = None
+        elif backend == "zarr" and copy.get("store") is None:
+            copy["store"] = zarr.storage.MemoryStore()
+        return cls.copy_from_store(_open_group(zarr_path, "r"), **copy)
 
     def _copy(self, store, keys, chunks, compressors, if_exists, zarr_format) -> ReplayBuffer:
         keys = list(self.keys()) if keys is None else list(keys)

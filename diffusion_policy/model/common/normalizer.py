@@ -82,60 +82,6 @@ class DictOfTensorMixin(nn.Module):
         )
 
 
-def _fit_params(
-    data: ArrayLike,
-    last_n_dims: int = 1,
-    dtype: torch.dtype = torch.float32,
-    mode: str = "limits",
-    output_max: float = 1.0,
-    output_min: float = -1.0,
-    range_eps: float = 1e-4,
-    fit_offset: bool = True,
-) -> nn.ParameterDict:
-    if mode not in ("limits", "gaussian"):
-        raise ValueError(f"normalizer mode={mode!r} is unknown; use 'limits' or 'gaussian'")
-    if last_n_dims < 0:
-        raise ValueError(f"last_n_dims={last_n_dims} must be >= 0")
-    if not output_max > output_min:
-        raise ValueError(f"output_max={output_max} must be greater than output_min={output_min}")
-    x = _as_tensor(data, "normalizer fit data").detach().to(dtype=dtype)
-    if x.numel() == 0:
-        raise ValueError(f"cannot fit a normalizer on empty data of shape {tuple(x.shape)}")
-    if last_n_dims > x.ndim:
-        raise ValueError(f"last_n_dims={last_n_dims} exceeds the data's {x.ndim} dims {tuple(x.shape)}")
-    dim = int(np.prod(x.shape[x.ndim - last_n_dims :])) if last_n_dims > 0 else 1
-    x = x.reshape(-1, dim)
-
-    x_min = x.min(dim=0).values
-    x_max = x.max(dim=0).values
-    x_mean = x.mean(dim=0)
-    x_std = x.std(dim=0)
-
-    if mode == "limits":
-        if fit_offset:
-            in_range = x_max - x_min
-            const = in_range < range_eps
-            in_range = torch.where(const, torch.full_like(in_range, output_max - output_min), in_range)
-            scale = (output_max - output_min) / in_range
-            offset = output_min - scale * x_min
-            # Constant dims map to the middle of the output range.
-            offset = torch.where(const, (output_max + output_min) / 2 - x_min, offset)
-        else:
-            out_abs = min(abs(output_min), abs(output_max))
-            in_abs = torch.maximum(x_min.abs(), x_max.abs())
-            in_abs = torch.where(in_abs < range_eps, torch.full_like(in_abs, out_abs), in_abs)
-            scale = out_abs / in_abs
-            offset = torch.zeros_like(x_mean)
-    else:
-        # ~(std >= eps) also catches the NaN std of a single sample.
-        std = torch.where(~(x_std >= range_eps), torch.ones_like(x_std), x_std)
-        scale = 1.0 / std
-        offset = -x_mean * scale if fit_offset else torch.zeros_like(x_mean)
-
-    stats = {"min": x_min, "max": x_max, "mean": x_mean, "std": x_std}
-    return _tree_to_parameter_dict({"scale": scale, "offset": offset, "input_stats": stats})
-
-
 def _affine(x: ArrayLike, params: nn.ParameterDict, forward: bool, field: str) -> torch.Tensor:
     x = _as_tensor(x, f"value for normalizer field {field!r}")
     scale = params["scale"]
@@ -176,9 +122,51 @@ class SingleFieldLinearNormalizer(DictOfTensorMixin):
         range_eps: float = 1e-4,
         fit_offset: bool = True,
     ) -> None:
-        self.params_dict = _fit_params(
-            data, last_n_dims, dtype, mode, output_max, output_min, range_eps, fit_offset
-        )
+        """Fits ``scale`` / ``offset`` per dimension of the last ``last_n_dims`` dims of ``data``: ``limits``
+        maps [min, max] onto [output_min, output_max], ``gaussian`` to zero mean and unit std; dims whose
+        range (or std) is below ``range_eps`` are kept constant."""
+        if mode not in ("limits", "gaussian"):
+            raise ValueError(f"normalizer mode={mode!r} is unknown; use 'limits' or 'gaussian'")
+        if last_n_dims < 0:
+            raise ValueError(f"last_n_dims={last_n_dims} must be >= 0")
+        if not output_max > output_min:
+            raise ValueError(f"output_max={output_max} must be greater than output_min={output_min}")
+        x = _as_tensor(data, "normalizer fit data").detach().to(dtype=dtype)
+        if x.numel() == 0:
+            raise ValueError(f"cannot fit a normalizer on empty data of shape {tuple(x.shape)}")
+        if last_n_dims > x.ndim:
+            raise ValueError(f"last_n_dims={last_n_dims} exceeds the data's {x.ndim} dims {tuple(x.shape)}")
+        dim = int(np.prod(x.shape[x.ndim - last_n_dims :])) if last_n_dims > 0 else 1
+        x = x.reshape(-1, dim)
+
+        x_min = x.min(dim=0).values
+        x_max = x.max(dim=0).values
+        x_mean = x.mean(dim=0)
+        x_std = x.std(dim=0)
+
+        if mode == "limits":
+            if fit_offset:
+                in_range = x_max - x_min
+                const = in_range < range_eps
+                in_range = torch.where(const, torch.full_like(in_range, output_max - output_min), in_range)
+                scale = (output_max - output_min) / in_range
+                offset = output_min - scale * x_min
+                # Constant dims map to the middle of the output range.
+                offset = torch.where(const, (output_max + output_min) / 2 - x_min, offset)
+            else:
+                out_abs = min(abs(output_min), abs(output_max))
+                in_abs = torch.maximum(x_min.abs(), x_max.abs())
+                in_abs = torch.where(in_abs < range_eps, torch.full_like(in_abs, out_abs), in_abs)
+                scale = out_abs / in_abs
+                offset = torch.zeros_like(x_mean)
+        else:
+            # ~(std >= eps) also catches the NaN std of a single sample.
+            std = torch.where(~(x_std >= range_eps), torch.ones_like(x_std), x_std)
+            scale = 1.0 / std
+            offset = -x_mean * scale if fit_offset else torch.zeros_like(x_mean)
+
+        stats = {"min": x_min, "max": x_max, "mean": x_mean, "std": x_std}
+        self.params_dict = _tree_to_parameter_dict({"scale": scale, "offset": offset, "input_stats": stats})
 
     @classmethod
     def create_fit(cls, data: ArrayLike, **kwargs) -> SingleFieldLinearNormalizer:
@@ -253,23 +241,14 @@ class LinearNormalizer(DictOfTensorMixin):
     """
 
     @torch.no_grad()
-    def fit(
-        self,
-        data: dict[str, ArrayLike] | ArrayLike,
-        last_n_dims: int = 1,
-        dtype: torch.dtype = torch.float32,
-        mode: str = "limits",
-        output_max: float = 1.0,
-        output_min: float = -1.0,
-        range_eps: float = 1e-4,
-        fit_offset: bool = True,
-    ) -> None:
+    def fit(self, data: dict[str, ArrayLike] | ArrayLike, **options: Any) -> None:
+        """Fits each field as :meth:`SingleFieldLinearNormalizer.fit` does, with the same ``options``
+        (``last_n_dims``, ``dtype``, ``mode``, ``output_max``, ``output_min``, ``range_eps``, ``fit_offset``)
+        and defaults; a field's fitting lives there only, so the two cannot drift apart."""
         items = data.items() if isinstance(data, dict) else [(DEFAULT_KEY, data)]
         for key, value in items:
             self._check_key(key)
-            self.params_dict[key] = _fit_params(
-                value, last_n_dims, dtype, mode, output_max, output_min, range_eps, fit_offset
-            )
+            self.params_dict[key] = SingleFieldLinearNormalizer.create_fit(value, **options).params_dict
 
     @staticmethod
     def _check_key(key: Any) -> None:

@@ -6,26 +6,29 @@ import torch
 from torch import nn
 
 
-class Downsample1d(nn.Module):
+class _Resample1d(nn.Module):
+    """Changes T with one strided conv, held as ``conv`` (the original's state-dict key)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Downsample1d(_Resample1d):
     """Halves T with a stride-2 conv (T must be even)."""
 
     def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        super().__init__(nn.Conv1d(dim, dim, 3, 2, 1))
 
 
-class Upsample1d(nn.Module):
+class Upsample1d(_Resample1d):
     """Doubles T with a stride-2 transposed conv."""
 
     def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.conv = nn.ConvTranspose1d(dim, dim, 4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        super().__init__(nn.ConvTranspose1d(dim, dim, 4, 2, 1))
 
 
 class Conv1dBlock(nn.Module):
