@@ -28,11 +28,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import set_threads
-from benchmarks.recipes import headless_env
+from benchmarks import sweep_cells
 from benchmarks.sampler_sweep import latency_observations
 from diffusion_policy.common.chunk_execution import MODES
-from diffusion_policy.common.host_info import cpu_model_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,9 +86,7 @@ def evaluate_cell(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> 
         delay=cell["delay"],
         rtc_method=cell["rtc_method"],
     )
-    keys = ("mean_score", "mean_score_ci95_low", "mean_score_ci95_high", "success_rate")
-    keys += ("success_rate_ci95_low", "success_rate_ci95_high", "n_episodes", "first_seed", "last_seed")
-    return {k: log[f"test/{k}"] for k in keys} | {
+    return sweep_cells.kept_test_scores(log) | {
         "sampler": log["eval/sampler"],
         "overlap": log["eval/overlap"],
     }
@@ -169,43 +165,21 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
         ax.set_title(f"{label} ({mine[0]['sampler']})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    sweep_cells.save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:
-    headless_env()
     args = parse_args(argv)
-    from diffusion_policy.common.config_resolvers import register_resolvers
-
-    register_resolvers()
-    set_threads(args.threads)
-    delays = [int(d) for d in args.delays.split(",") if d.strip()]
-    modes = [m for m in args.modes.split(",") if m.strip()]
-    methods = [m for m in args.rtc_methods.split(",") if m.strip()]
+    delays = sweep_cells.comma_list(args.delays, int)
+    modes, methods = sweep_cells.comma_list(args.modes), sweep_cells.comma_list(args.rtc_methods)
     if set(modes) - set(MODES) or not delays or min(delays) < 0:
         raise SystemExit(
             f"--modes {args.modes!r} / --delays {args.delays!r}: modes from {MODES}, delays >= 0"
         )
-    checkpoints = []
-    for item in args.ckpt:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not Path(path).is_file():
-            raise SystemExit(f"--ckpt {item!r}: expected LABEL=PATH to an existing checkpoint file")
-        checkpoints.append((label, path))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    hardware = f"{cpu_model_name()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
+    checkpoints, out, hardware = sweep_cells.start(args)
     cells = cells_for(checkpoints, delays, modes, methods)
     done_path = out / "cells.jsonl"
-    done = {}
-    if done_path.exists():
-        for line in done_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[cell_name(row)] = row
+    done = sweep_cells.read_cells(done_path, cell_name)
     todo = [c for c in cells if cell_name(c) not in done]
     for i, cell in enumerate(todo):
         name = cell_name(cell)
@@ -214,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {**cell, **evaluate_cell(cell, args, out), "hardware": hardware}
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         done[name] = row
-        with done_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        ci = f"{row['mean_score_ci95_low']:.3f}-{row['mean_score_ci95_high']:.3f}"
+        sweep_cells.append_cell(done_path, row)
+        ci = sweep_cells.ci_text(row)
         print(
             f"{name}: {row['mean_score']:.3f} ({ci}) success {row['success_rate']:.3f}, {row['eval_s']} s",
             file=sys.stderr,
@@ -225,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [done[cell_name(c)] for c in cells]
     print(f"{'cell':<30} {'score':>6} {'95% CI':>13} {'success':>8}")
     for r in rows:
-        ci = f"{r['mean_score_ci95_low']:.3f}-{r['mean_score_ci95_high']:.3f}"
+        ci = sweep_cells.ci_text(r)
         print(f"{cell_name(r):<30} {r['mean_score']:>6.3f} {ci:>13} {r['success_rate']:>8.3f}")
     if not args.skip_latency:
         with tempfile.TemporaryDirectory() as tmp:

@@ -30,9 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.measure import set_threads
-from benchmarks.recipes import headless_env
-from diffusion_policy.common.host_info import cpu_model_name
+from benchmarks import sweep_cells
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,9 +131,7 @@ def evaluate_cell(cell: dict[str, Any], args: argparse.Namespace, out: Path) -> 
         n_test=args.n_test,
         noise_seed=args.noise_seed,
     )
-    keys = ("mean_score", "mean_score_ci95_low", "mean_score_ci95_high", "success_rate")
-    keys += ("success_rate_ci95_low", "success_rate_ci95_high", "n_episodes", "first_seed", "last_seed")
-    return {k: log[f"test/{k}"] for k in keys} | {"sampler_label": log["eval/sampler"]}
+    return sweep_cells.kept_test_scores(log) | {"sampler_label": log["eval/sampler"]}
 
 
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
@@ -181,41 +177,19 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     ax_ms.set_xticks(ax_score.get_xticks())
     ax_ms.grid(alpha=0.3)
     ax_ms.legend(fontsize=8)
-    fig.suptitle(f"{title} ({rows[0]['hardware']})", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    sweep_cells.save_figure(fig, path, f"{title} ({rows[0]['hardware']})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    headless_env()
     args = parse_args(argv)
-    from diffusion_policy.common.config_resolvers import register_resolvers
-
-    register_resolvers()
-    set_threads(args.threads)
-    steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    steps = sweep_cells.comma_list(args.steps, int)
     if not steps or min(steps) < 1:
         raise SystemExit(f"--steps {args.steps!r}: give step counts >= 1")
-    checkpoints = []
-    for item in args.ckpt:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not Path(path).is_file():
-            raise SystemExit(f"--ckpt {item!r}: expected LABEL=PATH to an existing checkpoint file")
-        checkpoints.append((label, path))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoints, out, hardware = sweep_cells.start(args)
     cells = [c for label, path in checkpoints for c in cells_for(label, path, steps, args)]
     done_path = out / "cells.jsonl"
-    done = {}
-    if done_path.exists():
-        for line in done_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[cell_name(row)] = row
+    done = sweep_cells.read_cells(done_path, cell_name)
     todo = [c for c in cells if cell_name(c) not in done]
-    threads = torch.get_num_threads()
-    hardware = f"{cpu_model_name()}, torch {torch.__version__}, torch threads: {threads}"
     if todo:
         print(f"timing batch-1 latency of {len(todo)} cells ...", file=sys.stderr, flush=True)
         latencies = time_latencies(todo, args.latency_repeats)
@@ -231,11 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         row["hardware"] = hardware
         done[name] = row
-        with done_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        sweep_cells.append_cell(done_path, row)
         print(
             f"{name}: {row['mean_score']:.3f} "
-            f"({row['mean_score_ci95_low']:.3f}-{row['mean_score_ci95_high']:.3f}) "
+            f"({sweep_cells.ci_text(row)}) "
             f"success {row['success_rate']:.3f}, {row['latency_ms_b1']:.1f} ms/call, eval {row['eval_s']} s",
             file=sys.stderr,
             flush=True,
@@ -251,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, done_path)
     print(f"{'cell':<22} {'score':>6} {'95% CI':>13} {'success':>8} {'ms (b1)':>8}")
     for r in rows:
-        ci = f"{r['mean_score_ci95_low']:.3f}-{r['mean_score_ci95_high']:.3f}"
+        ci = sweep_cells.ci_text(r)
         score, success, ms = r["mean_score"], r["success_rate"], r["latency_ms_b1"]
         print(f"{cell_name(r):<22} {score:>6.3f} {ci:>13} {success:>8.3f} {ms:>8.2f}")
     if args.plot:
