@@ -325,6 +325,20 @@ def test_eval_backends_give_torch_actions_with_shared_noise(state_ckpt, state_ex
     assert seeds["torch"] and all(seeds[b] == seeds["torch"] for b in BACKENDS)
 
 
+@pytest.mark.needs_data
+def test_exported_policies_run_under_delay_and_refuse_rtc(state_export, tmp_path):
+    """An export runs the async and ensemble modes (the chunk comes from the manifest's window); rtc, whose
+    guidance differentiates the denoiser, is refused in one line with nothing written."""
+    base = ["eval.py", "-c", str(state_export), "--backend", "onnxruntime", "--n-test", "2"]
+    out = tmp_path / "ensemble"
+    assert_ok(run_cli([*base, "-o", str(out), "--delay", "2", "--execution", "ensemble"]))
+    log = json.loads((out / "eval_log.json").read_text())
+    assert (log["eval/execution"], log["eval/delay"], log["eval/overlap"]) == ("ensemble", 2, 7)
+    proc = run_cli([*base, "-o", str(tmp_path / "rtc"), "--delay", "2", "--execution", "rtc"])
+    assert_one_line_error(proc, "--execution rtc needs the torch backend", exit_code=2)
+    assert not (tmp_path / "rtc").exists()
+
+
 # ----------------------------------------------------------------------------- one-line errors
 @pytest.mark.needs_data
 def test_export_cli_errors_are_one_line_and_touch_nothing(state_ckpt, state_export, tmp_path):
