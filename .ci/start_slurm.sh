@@ -7,7 +7,10 @@ dir="${DP_SLURM_DIR:-/tmp/dp-slurm}"
 # a controller that is not running leaves no jobs worth keeping: start from an empty state and spool
 if ! pgrep -x slurmctld >/dev/null; then rm -rf "$dir/state" "$dir/spool"; fi
 mkdir -p "$dir/state" "$dir/spool" /run/munge
-cpus="$(nproc)"
+# what slurmd itself detects (`nproc` would follow OMP_NUM_THREADS, which the test environment sets to 1,
+# and a controller reconfigured with fewer CPUs than slurmd registers drains the node)
+cpus="$(slurmd -C | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' | head -1)"
+cpus="${cpus:-$(getconf _NPROCESSORS_ONLN)}"
 mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=dpci
@@ -44,4 +47,8 @@ pgrep -x slurmctld >/dev/null || slurmctld -i >&2
 pgrep -x slurmd >/dev/null || slurmd -N localhost >&2
 # already running (a second call): pick up this configuration
 scontrol reconfigure >/dev/null 2>&1 || true
+# a node an earlier run left drained (e.g. by a configuration that did not match) takes jobs again
+if sinfo -h -N -o %T 2>/dev/null | grep -qiE 'drain|inval'; then
+  scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
+fi
 echo "export SLURM_CONF=$SLURM_CONF"

@@ -319,6 +319,14 @@ def slurm_cluster() -> None:
             probe = _slurm("sinfo", "-h", "-o", "%T", check=False)
     if probe.returncode != 0:
         pytest.fail(SLURM_HELP.format(why=" ".join(probe.stderr.split())[:200]))
+    # a drained or down node would leave the sweep's jobs pending forever: say so instead of waiting
+    states = probe.stdout.split()
+    if not any(s.rstrip("*~#").lower() in ("idle", "mixed", "allocated", "completing") for s in states):
+        reason = _slurm("sinfo", "-h", "-R", check=False).stdout.strip()
+        pytest.fail(
+            f"the SLURM node cannot take jobs (state {states}, reason: {reason or 'none given'}); "
+            "`bash .ci/start_slurm.sh` resumes a drained node"
+        )
 
 
 def _wait_for(predicate, what: str, proc: subprocess.Popen, logs: Path):
