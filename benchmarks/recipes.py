@@ -127,7 +127,7 @@ class RecipeTraining:
         workspace.set_normalizer(dataset.get_normalizer())
         training = cls(
             workspace,
-            distributed.wrap_for_training(workspace.model, distributed.DistInfo(), device),
+            workspace.training_module(cfg, device, distributed.DistInfo()),
             device,
             training_autocast(device, cfg.training.get("mixed_precision")),
             int(cfg.training.gradient_accumulate_every),

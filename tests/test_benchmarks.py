@@ -115,6 +115,47 @@ def test_out_file_holds_the_same_rows(smoke):
 
 
 @pytest.mark.needs_data
+def test_train_speed_compares_variants_and_losses(pusht_zarr_path, tmp_path):
+    out_file = tmp_path / "speed.jsonl"
+    args = ["--smoke", "--recipes", "state", "--variants", "original,fp32,bf16", "--loss-steps", "4"]
+    proc = _script("train_speed", *args, "--out", str(out_file), env=_env(pusht_zarr_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert rows == {r["name"]: r for r in map(json.loads, out_file.read_text().splitlines())}
+    for variant in ("original", "fp32", "bf16"):
+        speedup = rows[f"train_speed.state.{variant}.speedup"]
+        assert (
+            speedup["unit"] == "x" and speedup["value"] > 0 and speedup["config"]["reference"] == "original"
+        )
+        step_ms = rows[f"train_speed.state.{variant}.step_ms"]["value"]
+        steps_per_s = rows[f"train_speed.state.{variant}.optimizer_steps_per_s"]["value"]
+        assert math.isclose(steps_per_s, 1e3 / step_ms)
+    assert rows["train_speed.state.original.speedup"]["value"] == 1.0
+    assert (
+        "training.mixed_precision=bf16"
+        in rows["train_speed.state.bf16.speedup"]["config"]["variant_overrides"]
+    )
+    # the loss check trains the first and the last variant
+    losses = {n: r for n, r in rows.items() if ".loss_last_" in n}
+    assert set(losses) == {f"train_speed.state.{v}.loss_last_1_of_4" for v in ("original", "bf16")}
+    ref = losses["train_speed.state.original.loss_last_1_of_4"]
+    other = losses["train_speed.state.bf16.loss_last_1_of_4"]
+    assert math.isclose(
+        other["config"]["mean_last_minus_reference"], other["value"] - ref["value"], abs_tol=1e-4
+    )
+
+
+def test_train_speed_rejects_unknown_names():
+    for args, needle in (
+        (["--recipes", "nope"], "unknown recipe 'nope'"),
+        (["--recipes", "state", "--variants", "fp32,warp"], "unknown variant 'warp'"),
+        (["--recipes", "state", "--variants", "original,fastest_graphs"], "needs --device cuda"),
+    ):
+        proc = _script("train_speed", "--smoke", "--device", "cpu", *args)
+        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.needs_data
 def test_only_rejects_unknown_benchmark(pusht_zarr_path):
     proc = _script("run", "--smoke", "--only", "env_steps,no_such_bench", env=_env(pusht_zarr_path))
     assert proc.returncode != 0

@@ -10,6 +10,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusion_policy.model.diffusion.conditional_unet1d import ConditionalUnet1D
+from diffusion_policy.model.diffusion.conv1d_components import (
+    TemporalConv1d,
+    conv1d_as_matmul,
+    set_conv_matmul,
+)
 from diffusion_policy.model.diffusion.positional_embedding import SinusoidalPosEmb
 from diffusion_policy.policy.diffusion_unet_hybrid_image_policy import DiffusionUnetHybridImagePolicy
 from tests.policy_helpers import SHAPE_META as PUSHT_IMAGE_SHAPE_META
@@ -140,3 +145,49 @@ def test_construction_errors():
         tiny_unet(kernel_size=4)
     with pytest.raises(ValueError, match=r"down_dims \[20\] are not divisible by n_groups=8"):
         tiny_unet(down_dims=[16, 20])
+
+
+# ----------------------------------------------------------------------------- convs as matrix products
+@pytest.mark.parametrize(
+    ("stride", "padding", "kernel", "bias"), [(1, 2, 5, True), (2, 1, 3, True), (1, 0, 1, False)]
+)
+def test_conv_as_matmul_is_the_same_function(stride, padding, kernel, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    got = conv1d_as_matmul(x, w, b, stride, padding)
+    want = torch.nn.functional.conv1d(x, w, b, stride=stride, padding=padding)
+    torch.testing.assert_close(got, want)
+    inputs = (x, w) + ((b,) if bias else ())
+    grad_out = torch.randn_like(want)
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(want, inputs, grad_out), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_unet_trains_wide_convs_as_matmuls_on_cpu_only_and_computes_the_same():
+    torch.manual_seed(0)
+    # 32 channels x 5 taps = 160 >= the threshold set below: the level-1 and deeper convs take the matmul path
+    unet = tiny_unet(down_dims=[16, 32], global_cond_dim=4)
+    set_conv_matmul(unet, 160)
+    calls = []
+    for m in unet.modules():
+        if isinstance(m, TemporalConv1d):
+            m.register_forward_hook(lambda mod, args, _out: calls.append(mod._uses_matmul(args[0])))
+    x, t, cond = torch.randn(2, 16, 2), torch.tensor([3, 7]), torch.randn(2, 4)
+
+    def run(train: bool, grad: bool):
+        calls.clear()
+        unet.train(train)
+        with torch.set_grad_enabled(grad):
+            return unet(x, t, global_cond=cond), sum(calls)
+
+    train_out, n_matmul = run(True, True)
+    assert n_matmul > 0 and n_matmul < len(calls), "only the wide convs use the matrix product"
+    assert run(True, False)[1] == 0 and run(False, True)[1] == 0, "inference and eval mode use the plain conv"
+    set_conv_matmul(unet, None)
+    plain_out, n_plain = run(True, True)
+    assert n_plain == 0
+    torch.testing.assert_close(train_out, plain_out, rtol=1e-5, atol=1e-6)

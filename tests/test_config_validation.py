@@ -144,6 +144,8 @@ RULES = [
     (["training.num_epochs=2.5"], ["training.num_epochs=2.5", "an integer"]),
     (["training.seed=-1"], ["training.seed=-1"]),
     (["training.mixed_precision=fp16"], ["training.mixed_precision", "fp16", "'bf16'"]),
+    (["training.compile=yes"], ["training.compile='yes'", "true or false"]),
+    (["training.compile_mode=fastest"], ["training.compile_mode", "fastest", "reduce-overhead"]),
     (["training.device=gpu"], ["training.device='gpu'", "cuda:N"]),
     (["training.use_ema=maybe"], ["training.use_ema='maybe'", "true or false"]),
     (["training.lr_scheduler=cosin"], ["training.lr_scheduler='cosin'", "cosine"]),

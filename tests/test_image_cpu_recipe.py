@@ -40,7 +40,7 @@ def test_cpu_image_recipe_is_the_paper_recipe_shrunk():
     assert cpu.policy.obs_encoder_backbone_width == 32 and list(cpu.policy.down_dims) == [64, 128, 256]
     assert cpu.policy.noise_scheduler._target_.endswith("DDIMScheduler")
     assert cpu.optimizer.fused is True and cpu.dataloader.num_workers == 0
-    assert cpu.training.mixed_precision == "bf16" and paper.training.mixed_precision is None
+    assert cpu.training.mixed_precision == "auto" and paper.training.mixed_precision is None
     assert cpu.shape_meta == paper.shape_meta and cpu.horizon == paper.horizon
     policy = instantiate(cpu.policy)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -58,7 +58,7 @@ def test_cpu_image_recipe_trains_two_tiny_epochs_and_evaluates(pusht_zarr_path, 
     losses = [r["train_loss"] for r in logs if "train_loss" in r]
     assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
     policy, cfg = load_policy(run_dir / "checkpoints" / "latest.ckpt", "cpu")
-    assert cfg.policy.obs_encoder_backbone_width == 32 and cfg.training.mixed_precision == "bf16"
+    assert cfg.policy.obs_encoder_backbone_width == 32 and cfg.training.mixed_precision == "auto"
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # bf16 autocast keeps float32 weights
     out, latest = tmp_path / "eval", run_dir / "checkpoints" / "latest.ckpt"
     assert_ok(run_cli(["eval.py", "-c", str(latest), "-o", str(out), "-d", "cpu", "--noise-seed", "0"]))
@@ -104,8 +104,15 @@ def test_bf16_on_a_cpu_without_bfloat16_units_warns(monkeypatch, avx512_bf16, am
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert pytorch_util.warn_if_bf16_is_emulated("cpu", mixed_precision) is warns
+        assert pytorch_util.warn_if_bf16_is_emulated("cpu", "auto") is False, "auto never picks emulated bf16"
+    # auto: bf16 exactly where the hardware has it, float32 elsewhere
+    native = avx512_bf16 or amx
+    assert pytorch_util.resolve_mixed_precision("cpu", "auto") == ("bf16" if native else None)
+    assert pytorch_util.training_autocast("cpu", "auto").fast_dtype == torch.bfloat16 or not native
+    assert pytorch_util.training_autocast("cpu", "auto")._enabled is native
     assert len(caught) == int(warns)
     if warns:
         assert "training.mixed_precision=null" in str(caught[0].message)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert pytorch_util.has_native_bf16("cpu") is None  # a torch without the probe: no false alarm
+    assert pytorch_util.resolve_mixed_precision("cpu", "auto") is None  # unknown hardware: float32

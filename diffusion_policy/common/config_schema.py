@@ -97,8 +97,14 @@ class TrainingBlock(_Block):
     tqdm_interval_sec: _num("a number >= 0", ge=0) = 1.0
     deterministic: Bool = False
     mixed_precision: Annotated[
-        Literal["bf16"] | None, Field(description="null (float32) or 'bf16' (bfloat16 autocast)")
+        Literal["bf16", "auto"] | None,
+        Field(description="null (float32), 'bf16' or 'auto' (bf16 where the hardware has it)"),
     ] = None
+    compile: Bool = False
+    compile_mode: Annotated[
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        Field(description="a torch.compile mode (default, reduce-overhead, max-autotune, ...)"),
+    ] = "default"
 
 
 class LoaderBlock(_Block):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,16 +38,26 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device | str) -
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 
 
+def resolve_mixed_precision(device: torch.device | str, mixed_precision: str | None) -> str | None:
+    """``training.mixed_precision`` for ``device``: ``"auto"`` becomes ``"bf16"`` where the hardware computes
+    bfloat16 natively (:func:`has_native_bf16`) and ``None`` (float32) elsewhere or when torch cannot tell;
+    ``None`` and ``"bf16"`` stay as they are."""
+    if mixed_precision == "auto":
+        return "bf16" if has_native_bf16(device) else None
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_DTYPES:
+        raise ValueError(f"mixed_precision={mixed_precision!r}: choose null (float32), 'bf16' or 'auto'")
+    return mixed_precision
+
+
 def training_autocast(device: torch.device | str, mixed_precision: str | None) -> torch.autocast:
-    """The autocast context of a training forward pass: ``None`` = float32 (off), ``"bf16"`` = bfloat16.
+    """The autocast context of a training forward pass: ``None`` = float32 (off), ``"bf16"`` = bfloat16,
+    ``"auto"`` = bfloat16 where the device has bfloat16 units, else float32.
 
     Only the forward runs in reduced precision; backward follows the recorded graph and the weights, their
     gradients, the optimizer and the EMA stay float32. No loss scaling: bfloat16 has float32's range.
     The returned context can be entered again and again (once per step).
     """
-    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_DTYPES:
-        raise ValueError(f"mixed_precision={mixed_precision!r}: choose null (float32) or 'bf16'")
-    dtype = MIXED_PRECISION_DTYPES.get(mixed_precision)
+    dtype = MIXED_PRECISION_DTYPES.get(resolve_mixed_precision(device, mixed_precision))
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -81,3 +93,39 @@ def warn_if_bf16_is_emulated(device: torch.device | str, mixed_precision: str | 
         stacklevel=2,
     )
     return True
+
+
+def check_compile_backend(device: torch.device | str) -> None:
+    """Raise a one-line error when ``torch.compile`` cannot build kernels for ``device``.
+
+    On a CPU, inductor writes C++ and needs a compiler (``$CXX``, ``g++``, ``c++`` or ``clang++``); without
+    one the first training step would fail deep inside torch instead.
+    """
+    if torch.device(device).type != "cpu":
+        return
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in candidates):
+        raise RuntimeError(
+            "training.compile=true on a CPU needs a C++ compiler for torch.compile's CPU backend (inductor) "
+            "and none was found ($CXX, g++, c++, clang++): install one (e.g. apt-get install g++) or set "
+            "training.compile=false"
+        )
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far: graph capture and code generation of the
+    forward graphs, plus the backward graphs, which torch compiles lazily at their first backward.
+
+    Read from torch's own timers (``torch._dynamo.utils.compilation_time_metrics``); 0.0 when this torch
+    version does not keep them.
+    """
+    metrics = getattr(getattr(torch._dynamo, "utils", None), "compilation_time_metrics", None) or {}
+    return float(
+        sum(metrics.get("_compile.compile_inner", ())) + sum(metrics.get("backward._backward_impl", ()))
+    )
+
+
+def eager_networks():
+    """A context in which compiled modules run their eager code: evaluation (other batch sizes, no
+    gradients) would otherwise compile each new shape again."""
+    return torch.compiler.set_stance("force_eager")

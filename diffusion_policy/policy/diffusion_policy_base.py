@@ -197,6 +197,21 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         trajectory, condition_mask, conditions = self.training_inputs(batch)
         return diffusion_loss(self.model, self.noise_scheduler, trajectory, condition_mask, **conditions)
 
+    def compile_networks(self, mode: str = "default") -> list[str]:
+        """``torch.compile`` the networks in place (``nn.Module.compile``); the names compiled.
+
+        Only the networks: the normalizer, the noise draws and the scheduler's arithmetic around them stay
+        eager, so a compiled step draws the same noise as an eager one. In place, so parameter names and
+        state-dict keys stay the same (no ``_orig_mod.``) and checkpoints load into uncompiled policies.
+        Static shapes: a batch of a new size compiles once more (the last, smaller batch of an epoch).
+        """
+        names = [
+            name for name in ("obs_encoder", "model") if isinstance(getattr(self, name, None), nn.Module)
+        ]
+        for name in names:
+            getattr(self, name).compile(mode=mode, dynamic=False)
+        return names
+
     def _executed(self, trajectory: torch.Tensor) -> torch.Tensor:
         """The executed window of a (B, T, ...) trajectory, what ``pred_action_steps_only`` denoises."""
         return trajectory[:, self.action_start : self.action_start + self.n_action_steps]

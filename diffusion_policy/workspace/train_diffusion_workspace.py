@@ -47,8 +47,12 @@ from diffusion_policy.common.device_util import resolve_device
 from diffusion_policy.common.errors import ConfigError, RunInterrupted, WorkerDiedError, one_line
 from diffusion_policy.common.json_logger import JsonLogger
 from diffusion_policy.common.pytorch_util import (
+    check_compile_backend,
+    compile_seconds,
     dict_apply,
+    eager_networks,
     optimizer_to,
+    resolve_mixed_precision,
     seed_everything,
     training_autocast,
     warn_if_bf16_is_emulated,
@@ -287,9 +291,13 @@ class TrainDiffusionWorkspace(BaseWorkspace):
 
         # ===== device =====
         self.to_device(device)
-        train_module = distributed.wrap_for_training(self.model, dist_info, device)
+        train_module = self.training_module(cfg, device, dist_info)
         if dist_info.is_main:
-            warn_if_bf16_is_emulated(device, cfg.training.get("mixed_precision"))
+            precision = cfg.training.get("mixed_precision")
+            warn_if_bf16_is_emulated(device, precision)
+            if precision == "auto":
+                chosen = resolve_mixed_precision(device, precision) or "float32"
+                print(f"training.mixed_precision=auto: {chosen} on this {device.type}", flush=True)
         # data-parallel ranks agree on a stop at every check, so none is left waiting in an all-reduce
         self.stop_sync = all_ranks_flag(device) if dist_info.enabled else None
 
@@ -313,17 +321,18 @@ class TrainDiffusionWorkspace(BaseWorkspace):
                 step_log = self.train_epoch(train_module, train_loader, device, cfg, log)
 
                 if dist_info.is_main:
-                    step_log.update(
-                        self.evaluate(
-                            cfg,
-                            device,
-                            val_loader,
-                            env_runner,
-                            sampling_batch,
-                            is_last_epoch,
-                            val_sampling_batch,
+                    with eager_networks():  # compiled for the training step's shapes only
+                        step_log.update(
+                            self.evaluate(
+                                cfg,
+                                device,
+                                val_loader,
+                                env_runner,
+                                sampling_batch,
+                                is_last_epoch,
+                                val_sampling_batch,
+                            )
                         )
-                    )
                 step_log["time/epoch_s"] = time.perf_counter() - epoch_start
                 log(step_log)
                 metrics = dict(step_log)
@@ -372,6 +381,27 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         if self.ema_model is not None:
             self.ema_model.to(device)
         optimizer_to(self.optimizer, device)
+
+    def training_module(self, cfg: DictConfig, device: torch.device, dist_info) -> torch.nn.Module:
+        """What the training steps call: the live model, its networks compiled in place when
+        ``training.compile``, wrapped for data-parallel training when there are several processes.
+
+        Compiled in place (``nn.Module.compile``), so the EMA copy, checkpoints and evaluation see the
+        usual modules and state-dict keys."""
+        if cfg.training.get("compile", False):
+            try:
+                check_compile_backend(device)
+            except RuntimeError as e:
+                raise ConfigError(str(e)) from None
+            if not hasattr(self.model, "compile_networks"):
+                raise ConfigError(
+                    f"training.compile=true, but {type(self.model).__name__} has no compile_networks(); "
+                    "set training.compile=false"
+                )
+            names = self.model.compile_networks(mode=cfg.training.get("compile_mode", "default"))
+            if dist_info.is_main:
+                print(f"training.compile: {', '.join(names)} compiled at the first training step", flush=True)
+        return distributed.wrap_for_training(self.model, dist_info, device)
 
     def train_step(
         self, train_module, batch: dict, device, autocast, batch_idx: int, accumulate_every: int
@@ -468,6 +498,7 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         autocast = training_autocast(device, t.get("mixed_precision"))
         losses: list[float] = []
         data_s = step_s = 0.0
+        compiled_s = compile_seconds()
         step_log: dict[str, Any] = {}
         tic = time.perf_counter()
         bar = tqdm(
@@ -501,7 +532,15 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         bar.close()
         step_log["train_loss"] = float(np.mean(losses))
         step_log["time/data_s"] = data_s
-        step_log["time/step_s"] = step_s
+        step_log["time/step_s"] = step_s  # compile time included
+        if t.get("compile", False):
+            step_log["time/compile_s"] = compile_seconds() - compiled_s
+            if step_log["time/compile_s"] > 1.0 and distributed.env_dist_info().is_main:
+                print(
+                    f"epoch {self.epoch}: torch.compile took {step_log['time/compile_s']:.1f}s of the "
+                    f"{step_s:.1f}s of training steps",
+                    flush=True,
+                )
         return step_log
 
     @torch.no_grad()

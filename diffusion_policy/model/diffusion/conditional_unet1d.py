@@ -19,7 +19,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffusion_policy.model.diffusion.conv1d_components import Conv1dBlock, Downsample1d, Upsample1d
+from diffusion_policy.model.diffusion.conv1d_components import (
+    Conv1dBlock,
+    Downsample1d,
+    TemporalConv1d,
+    Upsample1d,
+)
 from diffusion_policy.model.diffusion.positional_embedding import SinusoidalPosEmb
 
 # GroupNorm groups of the output block: the original builds it without passing n_groups
@@ -51,7 +56,7 @@ class ConditionalResidualBlock1D(nn.Module):
         # indices 0/1 (Mish, Linear) match the original's "cond_encoder.1.*" keys
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, cond_channels))
         self.residual_conv = (
-            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            TemporalConv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -249,7 +249,9 @@ class TransformerForDiffusion(ModuleAttrMixin):
         if self.encoder_only:
             tokens = torch.cat([time_emb, input_emb], dim=1)
             x = self.drop(tokens + self.pos_emb[:, : tokens.shape[1]])
-            x = self.encoder(src=x, mask=self.mask)[:, 1:]
+            # is_causal states what torch would otherwise find by comparing the mask with a causal one,
+            # a data-dependent test that breaks a torch.compile graph in two
+            x = self.encoder(src=x, mask=self.mask, is_causal=self.mask is not None)[:, 1:]
         else:
             memory = time_emb
             if self.obs_as_cond:
@@ -258,5 +260,11 @@ class TransformerForDiffusion(ModuleAttrMixin):
                 memory = torch.cat([memory, self.cond_obs_emb(cond)], dim=1)
             memory = self.encoder(self.drop(memory + self.cond_pos_emb[:, : memory.shape[1]]))
             x = self.drop(input_emb + self.pos_emb[:, : input_emb.shape[1]])
-            x = self.decoder(tgt=x, memory=memory, tgt_mask=self.mask, memory_mask=self.memory_mask)
+            x = self.decoder(
+                tgt=x,
+                memory=memory,
+                tgt_mask=self.mask,
+                memory_mask=self.memory_mask,
+                tgt_is_causal=self.mask is not None,
+            )
         return self.head(self.ln_f(x))
