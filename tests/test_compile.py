@@ -200,3 +200,8 @@ def test_no_cpu_compiler_is_one_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"C\+\+ compiler.*training.compile=false"):
         pytorch_util.check_compile_backend("cpu")
     pytorch_util.check_compile_backend("cuda")  # triton brings its own compiler: nothing to check here
+    monkeypatch.delattr(torch.compiler, "set_stance")  # a torch before 2.6
+    with pytest.raises(RuntimeError, match=r"torch >= 2.6.*training.compile=false"):
+        pytorch_util.check_compile_backend("cuda")
+    with pytorch_util.eager_networks():  # evaluation still runs, as a no-op context
+        pass

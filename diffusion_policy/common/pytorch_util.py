@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -101,6 +102,11 @@ def check_compile_backend(device: torch.device | str) -> None:
     On a CPU, inductor writes C++ and needs a compiler (``$CXX``, ``g++``, ``c++`` or ``clang++``); without
     one the first training step would fail deep inside torch instead.
     """
+    if getattr(torch.compiler, "set_stance", None) is None:
+        raise RuntimeError(
+            f"training.compile=true needs torch >= 2.6 (torch.compiler.set_stance), this is "
+            f"{torch.__version__}: upgrade torch or set training.compile=false"
+        )
     if torch.device(device).type != "cpu":
         return
     candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
@@ -127,5 +133,7 @@ def compile_seconds() -> float:
 
 def eager_networks():
     """A context in which compiled modules run their eager code: evaluation (other batch sizes, no
-    gradients) would otherwise compile each new shape again."""
-    return torch.compiler.set_stance("force_eager")
+    gradients) would otherwise compile each new shape again. A no-op on torch < 2.6, which cannot do this
+    (``training.compile`` refuses such a torch)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
