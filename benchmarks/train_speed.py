@@ -157,7 +157,10 @@ class Bench:
             log(f"{recipe}: dataset of {n} windows in {time.perf_counter() - t0:.1f}s")
         return self.datasets[recipe]
 
-    def build(self, recipe: str, v: Variant) -> Any:
+    def build(self, recipe: str, name: str) -> tuple[Variant, Any]:
+        """Variant ``name`` of ``recipe``, its training built (fresh weights from the recipe's seed); and its
+        config."""
+        v = Variant(name, variant_overrides(name, self.compose(recipe, []).optimizer, self.device))
         cfg = self.compose(recipe, [o for o in v.overrides if o != PLAIN_CONV])
         v.training, loader = RecipeTraining.build(
             cfg, self.dataset(recipe, cfg), self.device, self.workdir / f"{recipe}_{v.name}"
@@ -168,7 +171,7 @@ class Bench:
                     set_conv_matmul(model, None)
         v.it = recipes.endless(loader)
         v.batch_size = loader.batch_size
-        return cfg
+        return v, cfg
 
     def step(self, v: Variant) -> tuple[float, float]:
         """One training step; (wall seconds, loss)."""
@@ -191,9 +194,7 @@ class Bench:
         a, load0 = self.args, load_avg()
         variants = []
         for name in names:
-            cfg = self.compose(recipe, [])
-            v = Variant(name, variant_overrides(name, cfg.optimizer, self.device))
-            cfg = self.build(recipe, v)
+            v, cfg = self.build(recipe, name)
             self.warm_up(recipe, v)
             variants.append(v)
         for r in range(a.repeats):
@@ -241,21 +242,19 @@ class Bench:
         tail = max(1, n // 10)
         results = {}
         for name in dict.fromkeys([names[0], names[-1]]):
-            cfg = self.compose(recipe, [])
-            v = Variant(name, variant_overrides(name, cfg.optimizer, self.device))
-            self.build(recipe, v)
+            v, _ = self.build(recipe, name)
             losses, t0 = [], time.perf_counter()
             for i in range(n):
                 losses.append(self.step(v)[1])
                 if (i + 1) % max(1, n // 10) == 0:
                     log(f"{recipe} {name}: {i + 1}/{n} steps, loss {np.mean(losses[-tail:]):.4f}")
-            results[name] = (losses, time.perf_counter() - t0)
+            results[name] = (losses, time.perf_counter() - t0, v.overrides)
             v.training = v.it = None
         ref_losses = results[names[0]][0]
-        for name, (losses, wall) in results.items():
+        for name, (losses, wall, overrides) in results.items():
             config = {
                 "recipe": RECIPES[recipe][0],
-                "variant_overrides": VARIANTS[name],
+                "variant_overrides": overrides,
                 "steps": n,
                 "loss_sd_last": round(float(np.std(losses[-tail:])), 5),
                 "mean_last_minus_reference": round(
