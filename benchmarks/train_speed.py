@@ -33,6 +33,8 @@ Variants (``--variants``, comma-separated; first = reference):
   bf16            training.mixed_precision=bf16 (forward in bfloat16 autocast; weights, optimizer, EMA fp32)
   compile         training.compile=true (torch.compile of the denoiser and the observation encoder)
   fused           ++optimizer.fused=true (UNet recipes; the transformer recipes build their own AdamW)
+  channels_last   training.channels_last=true (image recipes: the encoder's weights in NHWC)
+  compile_channels_last  compile + channels_last
   fastest         compile + bf16 + fused
   fastest_graphs  fastest with training.compile_mode=reduce-overhead (CUDA graphs; CUDA only)
 
@@ -84,6 +86,7 @@ RECIPES = {
 BF16 = "training.mixed_precision=bf16"
 COMPILE = "training.compile=true"
 FUSED = "++optimizer.fused=true"
+CHANNELS_LAST = "training.channels_last=true"
 PLAIN_CONV = "@plain_conv"  # not an override: the UNet's convs without the CPU matrix-product path
 FP32_EAGER = ["training.mixed_precision=null", "training.compile=false"]
 VARIANTS = {
@@ -93,6 +96,8 @@ VARIANTS = {
     "bf16": [BF16],
     "compile": [COMPILE],
     "fused": [FUSED],
+    "channels_last": [CHANNELS_LAST],
+    "compile_channels_last": [COMPILE, CHANNELS_LAST],
     "fastest": [COMPILE, BF16, FUSED],
     "fastest_graphs": [COMPILE, BF16, FUSED, "training.compile_mode=reduce-overhead"],
 }

@@ -145,6 +145,7 @@ RULES = [
     (["training.seed=-1"], ["training.seed=-1"]),
     (["training.mixed_precision=fp16"], ["training.mixed_precision", "fp16", "'bf16'"]),
     (["training.compile=yes"], ["training.compile='yes'", "true or false"]),
+    (["training.channels_last=yes"], ["training.channels_last='yes'", "true or false"]),
     (["training.compile_mode=fastest"], ["training.compile_mode", "fastest", "reduce-overhead"]),
     (["training.device=gpu"], ["training.device='gpu'", "cuda:N"]),
     (["training.use_ema=maybe"], ["training.use_ema='maybe'", "true or false"]),

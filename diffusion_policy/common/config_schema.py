@@ -100,6 +100,7 @@ class TrainingBlock(_Block):
         Literal["bf16", "auto"] | None,
         Field(description="null (float32), 'bf16' or 'auto' (bf16 where the hardware has it)"),
     ] = None
+    channels_last: Bool = False
     compile: Bool = False
     compile_mode: Annotated[
         Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],

@@ -212,6 +212,19 @@ class DiffusionPolicyBase(ModuleAttrMixin):
             getattr(self, name).compile(mode=mode, dynamic=False)
         return names
 
+    def encoder_channels_last(self) -> bool:
+        """Store the image encoder's weights in ``torch.channels_last`` memory format; False when the policy
+        has no 2D convolution to convert.
+
+        Its convolutions then run in NHWC, which oneDNN computes faster in bf16 (1.11x on the CPU image
+        recipe's step) though not in float32 (1.00x); values and state-dict keys are unchanged, and a
+        checkpoint loads into a policy in either format."""
+        encoder = getattr(self, "obs_encoder", None)
+        if not isinstance(encoder, nn.Module) or not any(isinstance(m, nn.Conv2d) for m in encoder.modules()):
+            return False
+        encoder.to(memory_format=torch.channels_last)
+        return True
+
     def _executed(self, trajectory: torch.Tensor) -> torch.Tensor:
         """The executed window of a (B, T, ...) trajectory, what ``pred_action_steps_only`` denoises."""
         return trajectory[:, self.action_start : self.action_start + self.n_action_steps]

@@ -383,11 +383,19 @@ class TrainDiffusionWorkspace(BaseWorkspace):
         optimizer_to(self.optimizer, device)
 
     def training_module(self, cfg: DictConfig, device: torch.device, dist_info) -> torch.nn.Module:
-        """What the training steps call: the live model, its networks compiled in place when
+        """What the training steps call: the live model, its image encoder in channels_last memory format
+        (and the EMA copy's) when ``training.channels_last``, its networks compiled in place when
         ``training.compile``, wrapped for data-parallel training when there are several processes.
 
         Compiled in place (``nn.Module.compile``), so the EMA copy, checkpoints and evaluation see the
         usual modules and state-dict keys."""
+        if cfg.training.get("channels_last", False):
+            models = [m for m in (self.model, self.ema_model) if m is not None]
+            if not all(getattr(m, "encoder_channels_last", lambda: False)() for m in models):
+                raise ConfigError(
+                    f"training.channels_last=true, but {type(self.model).__name__} has no image encoder "
+                    "with 2D convolutions; set training.channels_last=false"
+                )
         if cfg.training.get("compile", False):
             try:
                 check_compile_backend(device)
