@@ -35,24 +35,24 @@ def wait_until_held(proc: subprocess.Popen, hold_dir: Path, epoch: int = HOLD_EP
         time.sleep(0.02)
 
 
-def sigkill_while_held(args: list[str], run_dir: Path) -> int:
-    """Run ``python *args``, SIGKILL it while it is held at epoch HOLD_EPOCH; returns the epoch of its
-    ``latest.ckpt`` (HOLD_EPOCH: the checkpoint of the epoch before was written)."""
+def sigkill_while_held(args: list[str], run_dir: Path, epoch: int = HOLD_EPOCH) -> int:
+    """Run ``python *args``, SIGKILL it while it is held at ``epoch``; returns the epoch of its
+    ``latest.ckpt`` (``epoch``: the checkpoint of the epoch before was written)."""
     hold_dir = run_dir.parent / f"{run_dir.name}_hold"
-    proc = start_held(args, hold_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_held(args, hold_dir, epoch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until_held(proc, hold_dir)
+        wait_until_held(proc, hold_dir, epoch)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     return int(load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["state"]["epoch"])
 
 
-def kill_then_resume(args_for: Callable[..., list[str]], run_dir: Path) -> Path:
-    """SIGKILLs the run ``python *args_for(run_dir)`` while held at ``HOLD_EPOCH``, resumes it to its end with
+def kill_then_resume(args_for: Callable[..., list[str]], run_dir: Path, epoch: int = HOLD_EPOCH) -> Path:
+    """SIGKILLs the run ``python *args_for(run_dir)`` while held at ``epoch``, resumes it to its end with
     ``args_for(run_dir, "training.resume=True")``; its latest checkpoint."""
-    killed_at = sigkill_while_held(args_for(run_dir), run_dir)
-    assert killed_at == HOLD_EPOCH, "killed while held, after the previous epoch's checkpoint"
+    killed_at = sigkill_while_held(args_for(run_dir), run_dir, epoch)
+    assert killed_at == epoch, "killed while held, after the previous epoch's checkpoint"
     assert_ok(run_cli(args_for(run_dir, "training.resume=True")))
     return run_dir / "checkpoints" / "latest.ckpt"
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import signal
-import subprocess
 
 import pytest
 import torch
@@ -22,14 +20,12 @@ from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.common.json_logger import read_json_log
 from diffusion_policy.workspace.base_workspace import load_policy
 from tests.helpers import (
-    assert_ok,
     compose_config,
     evaluate_in_process,
-    run_cli,
     trained_run,
 )
 from tests.policy_helpers import HORIZON, pusht_data, real_batch, seeded_policy
-from tests.resume_check import assert_same_training_state, start_held, wait_until_held
+from tests.resume_check import assert_same_training_state, kill_then_resume
 
 # (root config, overrides): the tiny versions of the five PushT recipes
 RECIPES = {
@@ -141,25 +137,10 @@ def test_compiled_checkpoint_loads_uncompiled_and_evaluates(compiled_run, lowdim
 
 @pytest.mark.needs_data
 def test_compiled_run_resumes_exactly_after_sigkill(compiled_run, pusht_zarr_path, tmp_path):
-    run_dir = tmp_path / "killed"
-    hold_dir = tmp_path / "hold"
-    proc = start_held(
-        compiled_args(pusht_zarr_path, run_dir),
-        hold_dir,
-        epoch=1,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    resumed = kill_then_resume(
+        functools.partial(compiled_args, pusht_zarr_path), tmp_path / "killed", epoch=1
     )
-    try:
-        wait_until_held(proc, hold_dir, epoch=1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["state"]["epoch"] == 1
-    assert_ok(run_cli(compiled_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    assert_same_training_state(
-        compiled_run / "checkpoints" / "latest.ckpt", run_dir / "checkpoints" / "latest.ckpt"
-    )
+    assert_same_training_state(compiled_run / "checkpoints" / "latest.ckpt", resumed)
 
 
 # ----------------------------------------------------------------------------- same step as eager

@@ -5,16 +5,14 @@ resuming exactly after SIGKILL. Its speed settings: bf16 autocast and the encode
 from __future__ import annotations
 
 import copy
+import functools
 import json
-import signal
-import subprocess
 import warnings
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion_policy.common.checkpoint_io import load_checkpoint_file
 from diffusion_policy.workspace.base_workspace import load_policy
 from tests.helpers import (
     assert_ok,
@@ -25,7 +23,7 @@ from tests.helpers import (
     trained_run,
 )
 from tests.policy_helpers import real_batch, seeded_policy
-from tests.resume_check import assert_same_training_state, start_held, wait_until_held
+from tests.resume_check import assert_same_training_state, kill_then_resume
 
 HYBRID = "train_diffusion_unet_hybrid_workspace"
 RECIPE = ["experiment=pusht_image_cpu"]
@@ -101,24 +99,8 @@ def test_cpu_image_recipe_trains_two_tiny_epochs_and_evaluates(recipe_run, tmp_p
 def test_cpu_image_recipe_resumes_exactly_after_sigkill(recipe_run, pusht_zarr_path, tmp_path):
     # channels_last converts the encoder after the checkpoint is loaded: the resumed optimizer moments and
     # weights must still continue the run exactly
-    run_dir, hold_dir = tmp_path / "killed", tmp_path / "hold"
-    proc = start_held(
-        recipe_args(pusht_zarr_path, run_dir),
-        hold_dir,
-        epoch=1,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_held(proc, hold_dir, epoch=1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert load_checkpoint_file(run_dir / "checkpoints" / "latest.ckpt")["state"]["epoch"] == 1
-    assert_ok(run_cli(recipe_args(pusht_zarr_path, run_dir, "training.resume=True")))
-    assert_same_training_state(
-        recipe_run / "checkpoints" / "latest.ckpt", run_dir / "checkpoints" / "latest.ckpt"
-    )
+    resumed = kill_then_resume(functools.partial(recipe_args, pusht_zarr_path), tmp_path / "killed", epoch=1)
+    assert_same_training_state(recipe_run / "checkpoints" / "latest.ckpt", resumed)
 
 
 @pytest.mark.needs_data
