@@ -216,7 +216,7 @@ class DiffusionPolicyBase(ModuleAttrMixin):
         """Store the image encoder's weights in ``torch.channels_last`` memory format; False when the policy
         has no 2D convolution to convert.
 
-        Its convolutions then run in NHWC, which oneDNN computes faster in bf16 (1.11x on the CPU image
+        Its convolutions then run in NHWC, which oneDNN computes faster in bf16 (1.10-1.11x on the CPU image
         recipe's step) though not in float32 (1.00x); values and state-dict keys are unchanged, and a
         checkpoint loads into a policy in either format."""
         encoder = getattr(self, "obs_encoder", None)
