@@ -171,9 +171,41 @@ def test_checkpoints_store_parameter_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints of the old order
+def test_checkpoint_written_before_the_reorder_puts_adam_state_on_its_parameters(tmp_path):
+    """Bit for bit: every parameter gets the AdamW moments the old-order file stored at its old position.
+
+    The fixture holds no names; a module's state dict lists parameters in registration order, which is the
+    order ``parameters()`` handed them to the optimizer, so position k of the saved state belongs to the
+    k-th parameter name of the saved model state dict."""
+    old = load_checkpoint_file(OLD_ORDER_CKPT)
+    workspace = build_workspace("train_diffusion_unet_lowdim_workspace", OLD_ORDER_OVERRIDES, tmp_path)
+    workspace.load_checkpoint(OLD_ORDER_CKPT)
+    params = dict(workspace.model.named_parameters())
+    (trained,) = group_param_names(workspace.optimizer, workspace.model)
+    old_order = [key for key in old["state_dicts"]["model"] if key in set(trained)]
+    assert sorted(old_order) == sorted(trained) and old_order != trained  # really another order
+    saved = old["state_dicts"]["optimizer"]["state"]
+    assert set(saved) <= set(range(len(old_order))) and len(saved) > len(old_order) // 2
+    for position, name in enumerate(old_order):
+        placed = workspace.optimizer.state.get(params[name], {})
+        if position not in saved:  # never had a gradient (e.g. _dummy_variable): no state, then or now
+            assert not placed, name
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert placed[key].shape == params[name].shape, name
+            assert torch.equal(placed[key], saved[position][key]), (name, key)
+        assert float(placed["step"]) == float(saved[position]["step"])
+
+
 @pytest.mark.needs_data
-def test_checkpoint_written_before_the_reorder_resumes_exactly(pusht_zarr_path, tmp_path):
-    """The old-order fixture (epoch 1 of a 2-epoch run) resumed to the end equals an uninterrupted run."""
+def test_checkpoint_written_before_the_reorder_resumes_to_the_end(pusht_zarr_path, tmp_path):
+    """The old-order fixture (epoch 1 of a 2-epoch run) resumed by train.py ends where an uninterrupted run
+    ends: same epoch, step count, names in the optimizer state, EMA and LR-schedule state.
+
+    The weights are not compared: the fixture's first epoch ran on the machine that wrote it, and AdamW turns
+    the last-bit differences of another CPU's kernels into differences of the order of the learning rate
+    (measured: 9e-5 between the machine that wrote it and an AMD EPYC). Where the moments land is checked bit
+    for bit by the test above."""
     old = load_checkpoint_file(OLD_ORDER_CKPT)
     assert list(old["state_dicts"]["model"])[1].startswith("model.diffusion_step_encoder.")
     assert "param_names" not in old["state_dicts"]["optimizer"]["param_groups"][0]
@@ -193,15 +225,9 @@ def test_checkpoint_written_before_the_reorder_resumes_exactly(pusht_zarr_path, 
     resumed, uninterrupted = train(resumed_dir), train(tmp_path / "uninterrupted")
     assert resumed["state"]["epoch"] == uninterrupted["state"]["epoch"] == 2
     assert resumed["state"]["global_step"] == uninterrupted["state"]["global_step"]
-    for part in ("model", "ema_model"):
-        for key, want in uninterrupted["state_dicts"][part].items():
-            # the fixture's first epoch ran on the machine that wrote it: equal up to float rounding
-            torch.testing.assert_close(resumed["state_dicts"][part][key], want, rtol=1e-5, atol=1e-6)
     got_opt, want_opt = resumed["state_dicts"]["optimizer"], uninterrupted["state_dicts"]["optimizer"]
     assert got_opt["param_groups"][0]["param_names"] == want_opt["param_groups"][0]["param_names"]
-    for index, want in want_opt["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got_opt["state"][index][key], want[key], rtol=1e-5, atol=1e-7)
+    assert sorted(got_opt["state"]) == sorted(want_opt["state"])
     assert resumed["state_dicts"]["ema"] == uninterrupted["state_dicts"]["ema"]
     assert (
         resumed["state_dicts"]["lr_scheduler"]["last_epoch"]
