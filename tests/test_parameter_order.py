@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from torch import nn
 
-from diffusion_policy.common.checkpoint_io import load_checkpoint_file
+from diffusion_policy.common.checkpoint_io import load_checkpoint_file, save_checkpoint_file
 from diffusion_policy.common.config_resolvers import register_resolvers
 from diffusion_policy.common.errors import CheckpointError
 from diffusion_policy.common.optimizer_state import group_param_names, place_by_name, with_param_names
@@ -171,18 +171,23 @@ def test_checkpoints_store_parameter_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints of the old order
-def test_checkpoint_written_before_the_reorder_puts_adam_state_on_its_parameters(tmp_path):
-    """Bit for bit: every parameter gets the AdamW moments the old-order file stored at its old position.
+def fixture_param_names(old: dict, workdir: Path) -> list[str]:
+    """The parameter name at each position of the old-order fixture's optimizer state. The file holds no
+    names; a module's state dict lists parameters in registration order, the order ``parameters()`` handed
+    them to the optimizer, so position k belongs to the k-th trained parameter of the saved model state."""
+    workspace = build_workspace("train_diffusion_unet_lowdim_workspace", OLD_ORDER_OVERRIDES, workdir)
+    (trained,) = group_param_names(workspace.optimizer, workspace.model)
+    return [key for key in old["state_dicts"]["model"] if key in set(trained)]
 
-    The fixture holds no names; a module's state dict lists parameters in registration order, which is the
-    order ``parameters()`` handed them to the optimizer, so position k of the saved state belongs to the
-    k-th parameter name of the saved model state dict."""
+
+def test_checkpoint_written_before_the_reorder_puts_adam_state_on_its_parameters(tmp_path):
+    """Bit for bit: every parameter gets the AdamW moments the old-order file stored at its old position."""
     old = load_checkpoint_file(OLD_ORDER_CKPT)
     workspace = build_workspace("train_diffusion_unet_lowdim_workspace", OLD_ORDER_OVERRIDES, tmp_path)
     workspace.load_checkpoint(OLD_ORDER_CKPT)
     params = dict(workspace.model.named_parameters())
     (trained,) = group_param_names(workspace.optimizer, workspace.model)
-    old_order = [key for key in old["state_dicts"]["model"] if key in set(trained)]
+    old_order = fixture_param_names(old, tmp_path)
     assert sorted(old_order) == sorted(trained) and old_order != trained  # really another order
     saved = old["state_dicts"]["optimizer"]["state"]
     assert set(saved) <= set(range(len(old_order))) and len(saved) > len(old_order) // 2
@@ -200,12 +205,13 @@ def test_checkpoint_written_before_the_reorder_puts_adam_state_on_its_parameters
 @pytest.mark.needs_data
 def test_checkpoint_written_before_the_reorder_resumes_to_the_end(pusht_zarr_path, tmp_path):
     """The old-order fixture (epoch 1 of a 2-epoch run) resumed by train.py ends where an uninterrupted run
-    ends: same epoch, step count, names in the optimizer state, EMA and LR-schedule state.
+    ends (epoch, step count, optimizer names, EMA and LR-schedule state), with the weights and moments of the
+    same state resumed from a file that stores parameter names.
 
-    The weights are not compared: the fixture's first epoch ran on the machine that wrote it, and AdamW turns
-    the last-bit differences of another CPU's kernels into differences of the order of the learning rate
-    (measured: 9e-5 between the machine that wrote it and an AMD EPYC). Where the moments land is checked bit
-    for bit by the test above."""
+    The weights are not compared with the uninterrupted run: the fixture's first epoch ran on the machine that
+    wrote it, and AdamW turns another CPU's last-bit differences into differences of the order of the
+    learning rate (measured: 9e-5 on an AMD EPYC). The named reference starts from the fixture's own state,
+    so both second epochs run here; where the moments land is checked bit for bit by the test above."""
     old = load_checkpoint_file(OLD_ORDER_CKPT)
     assert list(old["state_dicts"]["model"])[1].startswith("model.diffusion_step_encoder.")
     assert "param_names" not in old["state_dicts"]["optimizer"]["param_groups"][0]
@@ -222,12 +228,25 @@ def test_checkpoint_written_before_the_reorder_resumes_to_the_end(pusht_zarr_pat
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copyfile(OLD_ORDER_CKPT, resumed_dir / "checkpoints" / "latest.ckpt")
-    resumed, uninterrupted = train(resumed_dir), train(tmp_path / "uninterrupted")
-    assert resumed["state"]["epoch"] == uninterrupted["state"]["epoch"] == 2
+    # the same file with each position's name stored (fixture_param_names)
+    named_dir = tmp_path / "named"
+    named_payload = copy.deepcopy(old)
+    named_payload["state_dicts"]["optimizer"]["param_groups"][0]["param_names"] = fixture_param_names(
+        old, named_dir
+    )
+    save_checkpoint_file(named_payload, named_dir / "checkpoints" / "latest.ckpt")
+    resumed, uninterrupted, named = train(resumed_dir), train(tmp_path / "uninterrupted"), train(named_dir)
+    assert resumed["state"]["epoch"] == uninterrupted["state"]["epoch"] == named["state"]["epoch"] == 2
     assert resumed["state"]["global_step"] == uninterrupted["state"]["global_step"]
+    for part in ("model", "ema_model"):
+        for key, want in named["state_dicts"][part].items():
+            torch.testing.assert_close(resumed["state_dicts"][part][key], want, rtol=1e-5, atol=1e-6)
     got_opt, want_opt = resumed["state_dicts"]["optimizer"], uninterrupted["state_dicts"]["optimizer"]
     assert got_opt["param_groups"][0]["param_names"] == want_opt["param_groups"][0]["param_names"]
     assert sorted(got_opt["state"]) == sorted(want_opt["state"])
+    for index, want in named["state_dicts"]["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got_opt["state"][index][key], want[key], rtol=1e-5, atol=1e-7)
     assert resumed["state_dicts"]["ema"] == uninterrupted["state_dicts"]["ema"]
     assert (
         resumed["state_dicts"]["lr_scheduler"]["last_epoch"]
