@@ -171,23 +171,27 @@ def test_checkpoints_store_parameter_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints of the old order
-def fixture_param_names(old: dict, workdir: Path) -> list[str]:
-    """The parameter name at each position of the old-order fixture's optimizer state. The file holds no
-    names; a module's state dict lists parameters in registration order, the order ``parameters()`` handed
-    them to the optimizer, so position k belongs to the k-th trained parameter of the saved model state."""
-    workspace = build_workspace("train_diffusion_unet_lowdim_workspace", OLD_ORDER_OVERRIDES, workdir)
-    (trained,) = group_param_names(workspace.optimizer, workspace.model)
-    return [key for key in old["state_dicts"]["model"] if key in set(trained)]
+def old_order_workspace(workdir: Path):
+    return build_workspace("train_diffusion_unet_lowdim_workspace", OLD_ORDER_OVERRIDES, workdir)
+
+
+def fixture_param_names(old: dict, trained: list[str]) -> list[str]:
+    """The parameter name at each position of the old-order fixture's optimizer state, given the names the
+    optimizer trains. The file holds no names; a module's state dict lists parameters in registration order,
+    the order ``parameters()`` handed them to the optimizer, so position k belongs to the k-th trained
+    parameter of the saved model state."""
+    trained = set(trained)
+    return [key for key in old["state_dicts"]["model"] if key in trained]
 
 
 def test_checkpoint_written_before_the_reorder_puts_adam_state_on_its_parameters(tmp_path):
     """Bit for bit: every parameter gets the AdamW moments the old-order file stored at its old position."""
     old = load_checkpoint_file(OLD_ORDER_CKPT)
-    workspace = build_workspace("train_diffusion_unet_lowdim_workspace", OLD_ORDER_OVERRIDES, tmp_path)
+    workspace = old_order_workspace(tmp_path)
     workspace.load_checkpoint(OLD_ORDER_CKPT)
     params = dict(workspace.model.named_parameters())
     (trained,) = group_param_names(workspace.optimizer, workspace.model)
-    old_order = fixture_param_names(old, tmp_path)
+    old_order = fixture_param_names(old, trained)
     assert sorted(old_order) == sorted(trained) and old_order != trained  # really another order
     saved = old["state_dicts"]["optimizer"]["state"]
     assert set(saved) <= set(range(len(old_order))) and len(saved) > len(old_order) // 2
@@ -231,9 +235,10 @@ def test_checkpoint_written_before_the_reorder_resumes_to_the_end(pusht_zarr_pat
     # the same file with each position's name stored (fixture_param_names)
     named_dir = tmp_path / "named"
     named_payload = copy.deepcopy(old)
-    named_payload["state_dicts"]["optimizer"]["param_groups"][0]["param_names"] = fixture_param_names(
-        old, named_dir
-    )
+    fresh = old_order_workspace(tmp_path / "fresh")
+    (trained,) = group_param_names(fresh.optimizer, fresh.model)
+    named_group = named_payload["state_dicts"]["optimizer"]["param_groups"][0]
+    named_group["param_names"] = fixture_param_names(old, trained)
     save_checkpoint_file(named_payload, named_dir / "checkpoints" / "latest.ckpt")
     resumed, uninterrupted, named = train(resumed_dir), train(tmp_path / "uninterrupted"), train(named_dir)
     assert resumed["state"]["epoch"] == uninterrupted["state"]["epoch"] == named["state"]["epoch"] == 2
